@@ -1,0 +1,264 @@
+//! Configuration: `proxy.toml` is read, parsed (`model`) and checked (`validate`) before any port
+//! is bound. Errors name the file, line and key of every problem and say what was expected.
+
+pub mod model;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use model::{CorsPassThrough, DiffMode, PathTemplate, Segment};
+
+/// A validated configuration. Everything in it has been checked; nothing here can fail later.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages (None when built from a string).
+    pub source: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub upstream: reqwest::Url,
+    pub server: Server,
+    pub sse: Sse,
+    pub proxy: Proxy,
+    pub tls: Option<Tls>,
+    pub compression: Compression,
+    /// None: no `[cors]` section, no CORS headers from herald.
+    pub cors: Option<Cors>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sse {
+    pub heartbeat: Duration,
+    pub retry: Duration,
+    pub retry_jitter: Duration,
+    pub history: usize,
+    pub history_bytes: usize,
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    /// Extra trusted roots for an `https` upstream, read and parsed at load time.
+    pub ca: Option<Ca>,
+}
+
+/// The certificates of `[proxy] ca`, checked to parse as trust anchors.
+#[derive(Debug, Clone)]
+pub struct Ca {
+    pub path: PathBuf,
+    /// DER, in file order.
+    pub certs: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Compression {
+    pub enabled: bool,
+    pub min_size: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cors {
+    pub origins: CorsOrigins,
+    /// Never true with `CorsOrigins::Any` (refused by validation).
+    pub credentials: bool,
+    pub max_age: Duration,
+    pub pass_through: CorsPassThrough,
+}
+
+/// Which `Origin`s may read responses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    Any,
+    /// Serialized origins (`https://app.example.com`, lowercase, no trailing slash).
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub template: PathTemplate,
+    pub interval: Duration,
+    pub diff: DiffMode,
+    pub array_key: Option<String>,
+    pub timeout: Duration,
+    pub query: Vec<String>,
+    pub max_body: usize,
+}
+
+/// One thing wrong in the file, located by byte span (rendered as line and column).
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub span: Range<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(Located),
+}
+
+/// Problems rendered against the source text: `proxy.toml:12:12: interval: ...`, one per line.
+#[derive(Debug)]
+pub struct Located {
+    pub name: String,
+    pub lines: Vec<LocatedProblem>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocatedProblem {
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Located {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.lines.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}:{}: ", self.name, p.line, p.column)?;
+            if !p.key.is_empty() {
+                write!(f, "{}: ", p.key)?;
+            }
+            write!(f, "{}", p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    /// The problems found, each with its line (empty for a read error).
+    pub fn problems(&self) -> &[LocatedProblem] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid(l) => &l.lines,
+        }
+    }
+}
+
+/// Read and validate the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut config = parse(&text, &path.display().to_string())?;
+    config.source = Some(path.to_path_buf());
+    Ok(config)
+}
+
+/// Parse and validate configuration text; `name` is used in messages (normally the file name).
+pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
+    let file: model::File = match toml::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let message = e.message().trim();
+            // serde reports a missing key at its table; name the key from the message.
+            let missing = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.split('`').next());
+            let problem = Problem {
+                key: missing.map_or_else(|| key_at(text, span.start), str::to_string),
+                span,
+                message: message.to_string(),
+            };
+            return Err(locate(text, name, vec![problem]));
+        }
+    };
+    validate::validate(file).map_err(|problems| locate(text, name, problems))
+}
+
+fn locate(text: &str, name: &str, problems: Vec<Problem>) -> ConfigError {
+    let lines = problems
+        .into_iter()
+        .map(|p| {
+            let (line, column) = line_col(text, p.span.start);
+            let table = table_at(text, p.span.start);
+            let key = match (table.as_deref(), p.key.as_str()) {
+                (_, k) if k.contains('.') || k.starts_with("route ") => k.to_string(),
+                (Some(t), "") => t.to_string(),
+                (Some(t), k) => format!("{t} {k}"),
+                (None, k) => k.to_string(),
+            };
+            LocatedProblem {
+                line,
+                column,
+                key,
+                message: p.message,
+            }
+        })
+        .collect();
+    ConfigError::Invalid(Located {
+        name: name.to_string(),
+        lines,
+    })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// The key written on the line that holds `offset` (`interval = "2x"` → `interval`).
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let start = text
+        .get(..offset)
+        .and_then(|b| b.rfind('\n'))
+        .map_or(0, |i| i + 1);
+    let line = text.get(start..).unwrap_or("").lines().next().unwrap_or("");
+    match line.split_once('=') {
+        Some((k, _)) if !line.trim_start().starts_with('[') => {
+            k.trim().trim_matches('"').to_string()
+        }
+        _ => String::new(),
+    }
+}
+
+/// The nearest `[table]` or `[[array]]` header at or above the line of `offset`, as written.
+fn table_at(text: &str, offset: usize) -> Option<String> {
+    let end = text
+        .get(offset.min(text.len())..)?
+        .find('\n')
+        .map_or(text.len(), |i| offset + i);
+    let before = text.get(..end)?;
+    before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.split('#').next().unwrap_or(l).trim().to_string())
+}

@@ -1,0 +1,378 @@
+//! The configuration as written in `proxy.toml`: serde types only. Values that can be checked on
+//! their own (durations, sizes, addresses, URLs, path templates) are parsed here so that the TOML
+//! parser reports them with their line; checks that span several keys live in `validate.rs`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// Address the public listener binds (`"127.0.0.1:8080"`, `"[::]:443"`).
+    pub listen: SocketAddr,
+    /// The legacy API every request is forwarded to.
+    pub upstream: UpstreamUrl,
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub sse: SseSection,
+    #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+    #[serde(default)]
+    pub compression: CompressionSection,
+    #[serde(default)]
+    pub cors: Option<CorsSection>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Spanned<RouteSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Open client connections at most; further connections wait in the kernel backlog.
+    pub max_connections: usize,
+    /// How long shutdown waits for in-flight requests before closing what is left.
+    pub drain_timeout: HumanDuration,
+    /// Largest request head (request line + headers) accepted, in bytes.
+    pub max_header_bytes: ByteSize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            max_connections: 20_000,
+            drain_timeout: HumanDuration(Duration::from_secs(10)),
+            max_header_bytes: ByteSize(64 * 1024),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SseSection {
+    /// A `: heartbeat` comment goes out on a stream idle this long.
+    pub heartbeat: Spanned<HumanDuration>,
+    /// The `retry:` the client is told to wait before reconnecting.
+    pub retry: HumanDuration,
+    /// Up to this much random delay is added to `retry` per client, so reconnects spread out.
+    pub retry_jitter: HumanDuration,
+    /// Events kept per topic for `Last-Event-ID` replay.
+    pub history: usize,
+    /// Bytes of encoded events kept per topic for replay, whichever limit is hit first.
+    pub history_bytes: ByteSize,
+    /// How long a topic's poller keeps running after its last watcher left.
+    pub grace: HumanDuration,
+}
+
+impl Default for SseSection {
+    fn default() -> Self {
+        SseSection {
+            heartbeat: Spanned::new(0..0, HumanDuration(Duration::from_secs(15))),
+            retry: HumanDuration(Duration::from_secs(10)),
+            retry_jitter: HumanDuration(Duration::from_secs(5)),
+            history: 1000,
+            history_bytes: ByteSize(1024 * 1024),
+            grace: HumanDuration(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// How herald talks to the upstream for pass-through requests.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    /// Time allowed to connect to the upstream.
+    pub connect_timeout: HumanDuration,
+    /// Time allowed for the upstream to answer a pass-through request (head and body).
+    pub timeout: HumanDuration,
+    /// PEM file of extra CA certificates to trust for an `https` upstream (a private CA), on top
+    /// of the system's roots and the built-in Mozilla roots.
+    pub ca: Option<Spanned<PathBuf>>,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        ProxySection {
+            connect_timeout: HumanDuration(Duration::from_secs(3)),
+            timeout: HumanDuration(Duration::from_secs(30)),
+            ca: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// gzip for clients that accept it: SSE streams (compressed once per event for all watchers) and
+/// pass-through responses the upstream sent uncompressed.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionSection {
+    pub enabled: bool,
+    /// Pass-through responses with a smaller `Content-Length` are sent as they are.
+    pub min_size: ByteSize,
+}
+
+impl Default for CompressionSection {
+    fn default() -> Self {
+        CompressionSection {
+            enabled: true,
+            min_size: ByteSize(256),
+        }
+    }
+}
+
+/// Cross-origin access from browsers. Without this section herald adds no CORS headers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSection {
+    /// Exact origins (`"https://app.example.com"`), or `["*"]` for any origin.
+    pub origins: Spanned<Vec<Spanned<String>>>,
+    /// Allow cookies and `Authorization` (the origin is echoed; never with `"*"`).
+    #[serde(default = "default_credentials")]
+    pub credentials: Spanned<bool>,
+    /// How long a browser may cache a preflight answer.
+    #[serde(default = "default_cors_max_age")]
+    pub max_age: HumanDuration,
+    /// Pass-through routes: keep the upstream's CORS headers, or replace them with herald's.
+    #[serde(default)]
+    pub pass_through: CorsPassThrough,
+}
+
+fn default_credentials() -> Spanned<bool> {
+    Spanned::new(0..0, false)
+}
+
+fn default_cors_max_age() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CorsPassThrough {
+    /// The upstream's own CORS headers (and its answers to preflights) reach the client as is.
+    #[default]
+    Upstream,
+    /// herald answers preflights and sets CORS headers on every route, dropping the upstream's.
+    Override,
+}
+
+/// One `[[route]]`: a path template whose GETs may become streams.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub path: Spanned<PathTemplate>,
+    /// How often the upstream resource is polled while someone watches it.
+    #[serde(default = "default_interval")]
+    pub interval: Spanned<HumanDuration>,
+    /// How changes are sent.
+    #[serde(default)]
+    pub diff: DiffMode,
+    /// Member that identifies the objects of an array (`"id"`), so list edits diff by identity.
+    #[serde(default)]
+    pub array_key: Option<String>,
+    /// Time allowed for one poll.
+    #[serde(default)]
+    pub timeout: Option<Spanned<HumanDuration>>,
+    /// Query parameters that select a different resource; all others are dropped from the topic
+    /// and from the upstream request, so clients cannot multiply upstream polls.
+    #[serde(default)]
+    pub query: Vec<String>,
+    /// Largest upstream body accepted for this route.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+}
+
+fn default_interval() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(2)))
+}
+
+fn default_max_body() -> ByteSize {
+    ByteSize(8 * 1024 * 1024)
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiffMode {
+    #[default]
+    JsonPatch,
+    MergePatch,
+    Snapshot,
+}
+
+/// A duration written for humans: `"500ms"`, `"2s"`, `"1m30s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "invalid duration {s:?} ({e}): expected a number and a unit, like \"500ms\", \"2s\" or \"1m\""
+                ))
+            })
+    }
+}
+
+/// A size in bytes: an integer, or a string like `"64KiB"`, `"8MiB"`, `"1GiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(digits);
+        let n: u64 = num.parse().map_err(|_| {
+            format!("invalid size {s:?}: expected a number of bytes like 65536 or \"64KiB\"")
+        })?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "KB" | "K" | "k" => 1024,
+            "MiB" | "MB" | "M" => 1024 * 1024,
+            "GiB" | "GB" | "G" => 1024 * 1024 * 1024,
+            other => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("invalid size {s:?}: too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size in bytes, like 65536 or \"64KiB\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The upstream base URL: `http` or `https`, a host, no query or fragment.
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl(pub reqwest::Url);
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let url = reqwest::Url::parse(&s)
+            .map_err(|e| de::Error::custom(format!("invalid URL {s:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(de::Error::custom(format!(
+                "invalid upstream {s:?}: the scheme must be http or https"
+            )));
+        }
+        if url.host().is_none() {
+            return Err(de::Error::custom(format!(
+                "invalid upstream {s:?}: no host"
+            )));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(de::Error::custom(format!(
+                "invalid upstream {s:?}: a base URL takes no query or fragment"
+            )));
+        }
+        Ok(UpstreamUrl(url))
+    }
+}
+
+/// A route path as written (`/api/builds/{id}`): literal segments and `{name}` parameters, each
+/// parameter standing for exactly one non-empty path segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTemplate {
+    pub source: String,
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+impl FromStr for PathTemplate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some(rest) = s.strip_prefix('/') else {
+            return Err(format!("invalid path {s:?}: it must start with '/'"));
+        };
+        if s.contains(['?', '#']) {
+            return Err(format!(
+                "invalid path {s:?}: no query or fragment (list allowed query parameters in `query`)"
+            ));
+        }
+        let mut segments = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        for seg in rest.split('/') {
+            if let Some(name) = seg.strip_prefix('{').and_then(|n| n.strip_suffix('}')) {
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(format!(
+                        "invalid path {s:?}: parameter {seg:?} must be a name of letters, digits or '_'"
+                    ));
+                }
+                if names.contains(&name) {
+                    return Err(format!(
+                        "invalid path {s:?}: parameter {{{name}}} appears twice"
+                    ));
+                }
+                names.push(name);
+                segments.push(Segment::Param(name.to_string()));
+            } else if seg.contains(['{', '}']) {
+                return Err(format!(
+                    "invalid path {s:?}: a parameter must be a whole segment, like /builds/{{id}}"
+                ));
+            } else if seg == "." || seg == ".." {
+                return Err(format!("invalid path {s:?}: no '.' or '..' segments"));
+            } else {
+                segments.push(Segment::Literal(seg.to_string()));
+            }
+        }
+        Ok(PathTemplate {
+            source: s.to_string(),
+            segments,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PathTemplate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}

@@ -1,0 +1,272 @@
+//! Checks that need more than one value at a time (limits, duplicates, cross-key rules), turning the
+//! parsed `model::File` into the `Config` the rest of herald uses. Every problem is collected, so a
+//! user fixes them all in one pass; each carries the span of the offending value.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::time::Duration;
+
+use super::model::{self, File};
+use super::{Ca, Compression, Config, Cors, CorsOrigins, Problem, Proxy, Route, Server, Sse, Tls};
+
+/// The shortest poll interval accepted: anything faster is a load test, not a proxy.
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
+
+pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut push = |span: Range<usize>, key: &str, message: String| {
+        problems.push(Problem {
+            span,
+            key: key.to_string(),
+            message,
+        })
+    };
+
+    let heartbeat = file.sse.heartbeat.get_ref().0;
+    if heartbeat < MIN_HEARTBEAT {
+        push(
+            file.sse.heartbeat.span(),
+            "sse.heartbeat",
+            format!("must be at least {MIN_HEARTBEAT:?}, got {heartbeat:?}"),
+        );
+    }
+    if file.server.max_connections == 0 {
+        push(0..0, "server.max_connections", "must be at least 1".into());
+    }
+
+    let mut seen = HashSet::new();
+    let mut routes = Vec::new();
+    for spanned in file.routes {
+        let route_span = spanned.span();
+        let r = spanned.into_inner();
+        let path = r.path.get_ref().source.clone();
+        let label = format!("route {path:?}");
+        if !seen.insert(r.path.get_ref().segments.clone()) {
+            push(
+                r.path.span(),
+                &format!("{label} path"),
+                "the same path is listed twice".into(),
+            );
+        }
+        let interval = r.interval.get_ref().0;
+        if interval < MIN_INTERVAL {
+            let span = if r.interval.span().is_empty() {
+                route_span.clone()
+            } else {
+                r.interval.span()
+            };
+            push(
+                span,
+                &format!("{label} interval"),
+                format!("must be at least {MIN_INTERVAL:?}, got {interval:?}"),
+            );
+        }
+        let timeout = match &r.timeout {
+            Some(t) if t.get_ref().0.is_zero() => {
+                push(
+                    t.span(),
+                    &format!("{label} timeout"),
+                    "must be above 0".into(),
+                );
+                interval
+            }
+            Some(t) => t.get_ref().0,
+            // A poll may take as long as the interval, but no less than a second.
+            None => interval
+                .max(Duration::from_secs(1))
+                .min(Duration::from_secs(30)),
+        };
+        if let Some(k) = &r.array_key {
+            if k.is_empty() {
+                push(
+                    route_span.clone(),
+                    &format!("{label} array_key"),
+                    "must not be empty".into(),
+                );
+            }
+        }
+        routes.push(Route {
+            template: r.path.into_inner(),
+            interval,
+            diff: r.diff,
+            array_key: r.array_key,
+            timeout,
+            query: r.query,
+            max_body: usize::try_from(r.max_body.0).unwrap_or(usize::MAX),
+        });
+    }
+
+    let cors = file.cors.map(|c| validate_cors(c, &mut push));
+    let compression = Compression {
+        enabled: file.compression.enabled,
+        min_size: file.compression.min_size.0,
+    };
+
+    let ca = file
+        .proxy
+        .ca
+        .as_ref()
+        .and_then(|c| validate_ca(c, &mut push));
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Config {
+        source: None,
+        listen: file.listen,
+        upstream: file.upstream.0,
+        server: Server {
+            max_connections: file.server.max_connections,
+            drain_timeout: file.server.drain_timeout.0,
+            max_header_bytes: usize::try_from(file.server.max_header_bytes.0).unwrap_or(usize::MAX),
+        },
+        sse: Sse {
+            heartbeat,
+            retry: file.sse.retry.0,
+            retry_jitter: file.sse.retry_jitter.0,
+            history: file.sse.history,
+            history_bytes: usize::try_from(file.sse.history_bytes.0).unwrap_or(usize::MAX),
+            grace: file.sse.grace.0,
+        },
+        proxy: Proxy {
+            connect_timeout: file.proxy.connect_timeout.0,
+            timeout: file.proxy.timeout.0,
+            ca,
+        },
+        tls: file.tls.map(|t: model::TlsSection| Tls {
+            cert: t.cert,
+            key: t.key,
+        }),
+        compression,
+        cors,
+        routes,
+    })
+}
+
+/// `[cors]`: each origin must be `*` or a bare origin, and `*` may not go with credentials
+/// (browsers refuse that combination, so it would fail at runtime in every client).
+fn validate_cors(c: model::CorsSection, push: &mut impl FnMut(Range<usize>, &str, String)) -> Cors {
+    let origins_span = c.origins.span();
+    let written = c.origins.into_inner();
+    let wildcard = written.iter().any(|o| o.get_ref().trim() == "*");
+    let mut list = Vec::new();
+    for o in &written {
+        let raw = o.get_ref().trim();
+        if raw == "*" {
+            if written.len() > 1 {
+                push(
+                    o.span(),
+                    "cors.origins",
+                    "\"*\" allows every origin; list it alone".into(),
+                );
+            }
+            continue;
+        }
+        match serialized_origin(raw) {
+            Ok(origin) => list.push(origin),
+            Err(message) => push(o.span(), "cors.origins", message),
+        }
+    }
+    if written.is_empty() {
+        push(
+            origins_span.clone(),
+            "cors.origins",
+            "list at least one origin (or \"*\"), or remove [cors]".into(),
+        );
+    }
+    let credentials = *c.credentials.get_ref();
+    if credentials && wildcard {
+        let span = if c.credentials.span().is_empty() {
+            origins_span
+        } else {
+            c.credentials.span()
+        };
+        push(
+            span,
+            "cors.credentials",
+            "cannot be true with origins = [\"*\"]: browsers refuse a wildcard origin with \
+             credentials; list the allowed origins instead"
+                .into(),
+        );
+    }
+    Cors {
+        origins: if wildcard {
+            CorsOrigins::Any
+        } else {
+            CorsOrigins::List(list)
+        },
+        credentials,
+        max_age: c.max_age.0,
+        pass_through: c.pass_through,
+    }
+}
+
+/// `https://App.example.com:443/` → `https://app.example.com`, the form browsers send in `Origin`.
+fn serialized_origin(raw: &str) -> Result<String, String> {
+    let expected = "expected scheme://host[:port], like \"https://app.example.com\"";
+    let url = reqwest::Url::parse(raw)
+        .map_err(|e| format!("invalid origin {raw:?} ({e}): {expected}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("invalid origin {raw:?}: {expected}"));
+    }
+    if url.path() != "/"
+        || url.query().is_some()
+        || url.fragment().is_some()
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
+        return Err(format!(
+            "invalid origin {raw:?}: an origin has no path, query or user; {expected}"
+        ));
+    }
+    Ok(url.origin().ascii_serialization())
+}
+
+/// `[proxy] ca`: the file must be readable and hold at least one PEM certificate usable as a trust
+/// anchor. Read here, at load time, so a bad file stops herald before it binds anything.
+fn validate_ca(
+    ca: &toml::Spanned<std::path::PathBuf>,
+    push: &mut impl FnMut(Range<usize>, &str, String),
+) -> Option<Ca> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let path = ca.get_ref();
+    let mut fail = |message: String| {
+        push(
+            ca.span(),
+            "proxy.ca",
+            format!("{}: {message}", path.display()),
+        )
+    };
+    let pem = match std::fs::read(path) {
+        Ok(p) => p,
+        Err(e) => {
+            fail(format!("cannot read: {e}"));
+            return None;
+        }
+    };
+    let certs = match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+        Ok(c) if c.is_empty() => {
+            fail("no certificate found (expected PEM \"BEGIN CERTIFICATE\" blocks)".into());
+            return None;
+        }
+        Ok(c) => c,
+        Err(e) => {
+            fail(format!("invalid PEM: {e}"));
+            return None;
+        }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.iter().enumerate() {
+        if let Err(e) = roots.add(cert.clone()) {
+            fail(format!("certificate {} is not usable as a CA: {e}", i + 1));
+            return None;
+        }
+    }
+    Some(Ca {
+        path: path.clone(),
+        certs: certs.into_iter().map(|c| c.to_vec()).collect(),
+    })
+}

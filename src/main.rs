@@ -1,0 +1,195 @@
+//! The `herald` command: parse arguments, load and check the config, then serve until a signal.
+//! This is the only place that uses `anyhow`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a configuration that cannot be used (EX_USAGE, as linkerd does).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "herald",
+    version,
+    about = "Turns a polled REST API into Server-Sent Events"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(short, long, global = true, default_value = "proxy.toml")]
+    config: PathBuf,
+    /// Log format (level via RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve with the configuration (the default).
+    Run,
+    /// Validate the configuration and exit: 0 if valid, 64 with every problem listed if not.
+    Check,
+    /// Start a built-in demo API and herald in front of it.
+    Demo {
+        /// Where herald listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the demo API listens (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        upstream_listen: SocketAddr,
+        /// Where herald serves HTTPS (HTTP/2 and HTTP/1.1) with a self-signed certificate.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        tls_listen: SocketAddr,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => match load(&cli.config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} stream routes)",
+                    cli.config.display(),
+                    c.routes.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run => {
+            // Config is parsed and validated before any port is bound or thread started.
+            let config = match load(&cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            report(runtime().and_then(|rt| rt.block_on(serve(config))))
+        }
+        Command::Demo {
+            listen,
+            upstream_listen,
+            tls_listen,
+        } => {
+            report(runtime().and_then(|rt| rt.block_on(demo(listen, upstream_listen, tls_listen))))
+        }
+    }
+}
+
+/// Load and validate the config, and read its TLS files: everything a user fixes in the config,
+/// reported the same way (exit 64) by `check` and `run`.
+fn load(path: &std::path::Path) -> Result<herald::Config, String> {
+    let config = herald::config::load(path).map_err(|e| e.to_string())?;
+    if let Some(tls) = &config.tls {
+        herald::server::tls::load(tls).map_err(|e| e.to_string())?;
+    }
+    Ok(config)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: herald::Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    herald::shutdown::on_signal(shutdown.clone());
+    herald::run(config, shutdown)
+        .await
+        .context("herald stopped")
+}
+
+async fn demo(
+    listen: SocketAddr,
+    upstream_listen: SocketAddr,
+    tls_listen: SocketAddr,
+) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    herald::shutdown::on_signal(shutdown.clone());
+    let upstream = TcpListener::bind(upstream_listen)
+        .await
+        .with_context(|| format!("binding the demo API on {upstream_listen}"))?;
+    let upstream_addr = upstream.local_addr()?;
+    tokio::spawn(herald::demo::serve_upstream(
+        upstream,
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    let text = herald::demo::config_text(listen, upstream_addr);
+    let config = herald::config::parse(&text, "<demo config>").context("demo config")?;
+    let herald = herald::Herald::new(config)?;
+    let tls = herald::demo::self_signed_tls().context("making the demo certificate")?;
+    let listener = TcpListener::bind(listen).await.with_context(|| {
+        format!("binding herald on {listen} (pass --listen ADDR to use another)")
+    })?;
+    let tls_listener = TcpListener::bind(tls_listen).await.with_context(|| {
+        format!(
+            "binding herald's HTTPS port on {tls_listen} (pass --tls-listen ADDR to use another)"
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let tls_port = tls_listener.local_addr()?.port();
+    let (plain, https) = (
+        format!("http://{addr}/"),
+        format!("https://localhost:{tls_port}/"),
+    );
+    println!(
+        "herald demo: legacy API on http://{upstream_addr}, herald on http://{addr} and https://localhost:{tls_port}\n\
+         \n  open  {plain:<28}  live dashboard in a browser\
+         \n  open  {https:<28}  the same over HTTPS and HTTP/2 (self-signed: accept the warning)\
+         \n\n  curl -N -H 'Accept: text/event-stream' http://{addr}/api/builds/1\
+         \n  curl -Nk --http2 -H 'Accept: text/event-stream' https://localhost:{tls_port}/api/builds/1\
+         \n  curl http://{addr}/api/builds/1     the same resource, passed through\
+         \n\nCtrl-C to stop.\n"
+    );
+    let listeners = vec![
+        herald::server::Listener::plain(listener),
+        herald::server::Listener::tls(tls_listener, tls),
+    ];
+    herald.serve_on(listeners, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! The route table: validated config → an immutable list of streamable routes, and the function
+//! that maps a request's path and query to the topic it would watch. The upstream URL of a topic is
+//! built from the matched route alone: a parameter is exactly one safe path segment, and only
+//! allow-listed query parameters survive, so a client can neither traverse paths nor multiply polls.
+
+use std::sync::Arc;
+
+use crate::config::{self, Segment};
+
+/// Longest query string kept in a topic, after the allow-list is applied.
+const MAX_TOPIC_QUERY: usize = 2048;
+
+/// A streamable route with its position in the config (its stable id for this run).
+#[derive(Debug)]
+pub struct Route {
+    pub index: usize,
+    pub config: config::Route,
+}
+
+/// The identity of one upstream resource as watched: same key, same poller and history.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TopicKey {
+    /// Which route matched.
+    pub route: usize,
+    /// The upstream path and canonical query, e.g. `/api/builds/42?page=2`.
+    pub resource: Arc<str>,
+    /// Hash of the credentials the topic is polled with (0 for a public topic).
+    pub vary: u64,
+}
+
+/// Why a request on a stream route cannot be a stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("path parameter {{{name}}} must be one plain path segment")]
+    BadParam { name: String },
+    #[error("query string too long for a stream (at most {MAX_TOPIC_QUERY} bytes of allowed parameters)")]
+    QueryTooLong,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    pub fn new(routes: &[config::Route]) -> RouteTable {
+        RouteTable {
+            routes: routes
+                .iter()
+                .enumerate()
+                .map(|(index, r)| {
+                    Arc::new(Route {
+                        index,
+                        config: r.clone(),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Arc<Route>> {
+        self.routes.get(index)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The route whose template matches `path` (raw, percent-encoded), and the topic key for it.
+    /// `Ok(None)`: no stream route has this shape (the request is passed through).
+    pub fn resolve(
+        &self,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<Option<(Arc<Route>, TopicKey)>, RouteError> {
+        for route in &self.routes {
+            if let Some(result) = match_template(&route.config.template, path) {
+                result?;
+                let resource = build_resource(path, query, &route.config.query)?;
+                let key = TopicKey {
+                    route: route.index,
+                    resource: resource.into(),
+                    vary: 0,
+                };
+                return Ok(Some((route.clone(), key)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// `None`: the shape does not match. `Some(Err)`: it matches but a parameter is unsafe.
+fn match_template(t: &config::PathTemplate, path: &str) -> Option<Result<(), RouteError>> {
+    let rest = path.strip_prefix('/')?;
+    let mut parts = rest.split('/');
+    let mut bad = None;
+    for seg in &t.segments {
+        let part = parts.next()?;
+        match seg {
+            Segment::Literal(lit) => {
+                if part != lit {
+                    return None;
+                }
+            }
+            Segment::Param(name) => {
+                if bad.is_none() && !safe_segment(part) {
+                    bad = Some(RouteError::BadParam { name: name.clone() });
+                }
+            }
+        }
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(bad.map_or(Ok(()), Err))
+}
+
+/// A parameter value is one real segment: not empty, not `.`/`..` (even encoded), no encoded
+/// slash or backslash, no control characters, valid percent-encoding.
+fn safe_segment(raw: &str) -> bool {
+    let Some(decoded) = percent_decode(raw) else {
+        return false;
+    };
+    !decoded.is_empty()
+        && decoded != b"."
+        && decoded != b".."
+        && !decoded
+            .iter()
+            .any(|&b| b == b'/' || b == b'\\' || b < 0x20 || b == 0x7f)
+}
+
+pub(crate) fn percent_decode(raw: &str) -> Option<Vec<u8>> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = raw.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// The upstream path plus the allowed query parameters, sorted by name so that
+/// `?a=1&b=2` and `?b=2&a=1` are one topic.
+fn build_resource(
+    path: &str,
+    query: Option<&str>,
+    allowed: &[String],
+) -> Result<String, RouteError> {
+    let mut kept: Vec<(&str, &str)> = Vec::new();
+    if let Some(q) = query {
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            let name = pair.split('=').next().unwrap_or(pair);
+            let decoded = percent_decode(&name.replace('+', " "));
+            if decoded.is_some_and(|d| allowed.iter().any(|a| a.as_bytes() == d.as_slice())) {
+                kept.push((name, pair));
+            }
+        }
+    }
+    kept.sort_by(|a, b| a.0.cmp(b.0));
+    let mut resource = path.to_string();
+    for (i, (_, pair)) in kept.iter().enumerate() {
+        resource.push(if i == 0 { '?' } else { '&' });
+        resource.push_str(pair);
+    }
+    if resource.len() - path.len() > MAX_TOPIC_QUERY {
+        return Err(RouteError::QueryTooLong);
+    }
+    Ok(resource)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn table(paths: &[&str], query: &[&str]) -> RouteTable {
+        let routes: Vec<config::Route> = paths
+            .iter()
+            .map(|p| config::Route {
+                template: p.parse().expect("valid template"),
+                interval: Duration::from_secs(1),
+                diff: config::DiffMode::JsonPatch,
+                array_key: None,
+                timeout: Duration::from_secs(1),
+                query: query.iter().map(|s| s.to_string()).collect(),
+                max_body: 1024,
+            })
+            .collect();
+        RouteTable::new(&routes)
+    }
+
+    #[test]
+    fn matches_params_and_literals() {
+        let t = table(&["/api/builds/{id}", "/api/builds"], &[]);
+        let (r, k) = t.resolve("/api/builds/42", None).unwrap().unwrap();
+        assert_eq!(r.index, 0);
+        assert_eq!(&*k.resource, "/api/builds/42");
+        let (r, _) = t.resolve("/api/builds", None).unwrap().unwrap();
+        assert_eq!(r.index, 1);
+        assert!(t.resolve("/api/builds/42/logs", None).unwrap().is_none());
+        assert!(t.resolve("/api/builds/42/", None).unwrap().is_none());
+        assert!(t.resolve("/api/other", None).unwrap().is_none());
+    }
+
+    #[test]
+    fn rejects_unsafe_params() {
+        let t = table(&["/api/builds/{id}"], &[]);
+        for bad in [
+            "/api/builds/..",
+            "/api/builds/.",
+            "/api/builds/%2e%2E",
+            "/api/builds/a%2Fb",
+            "/api/builds/a%5cb",
+            "/api/builds/a%zz",
+            "/api/builds/%00",
+            "/api/builds/a\\b",
+        ] {
+            assert!(
+                matches!(t.resolve(bad, None), Err(RouteError::BadParam { .. })),
+                "{bad}"
+            );
+        }
+        assert!(t.resolve("/api/builds/", None).is_err());
+        assert!(t.resolve("/api/builds/caf%C3%A9", None).unwrap().is_some());
+    }
+
+    #[test]
+    fn query_allow_list_is_canonical() {
+        let t = table(&["/api/builds"], &["page", "state"]);
+        let (_, a) = t
+            .resolve("/api/builds", Some("state=ok&page=2&junk=1&cb=123"))
+            .unwrap()
+            .unwrap();
+        let (_, b) = t
+            .resolve("/api/builds", Some("page=2&cb=999&state=ok"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(&*a.resource, "/api/builds?page=2&state=ok");
+        let (_, c) = t.resolve("/api/builds", Some("x=1")).unwrap().unwrap();
+        assert_eq!(&*c.resource, "/api/builds");
+        let long = format!("page={}", "a".repeat(5000));
+        assert!(matches!(
+            t.resolve("/api/builds", Some(&long)),
+            Err(RouteError::QueryTooLong)
+        ));
+    }
+}

@@ -1,0 +1,175 @@
+//! Decides what a request is: a GET that accepts `text/event-stream` on a stream route becomes an
+//! SSE stream (gzip when accepted); herald answers CORS preflights for streams; everything else
+//! is passed through to the upstream, gzipped only if it came uncompressed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use rand::Rng;
+use tracing::debug;
+
+use super::{compress, cors, json_error, proxy, App, ResponseBody};
+use crate::config::CorsPassThrough;
+use crate::hub::{parse_event_id, WatchSlot};
+use crate::sse::{GzipStream, SseStream};
+
+/// Per-connection facts a request handler needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Response<ResponseBody> {
+    let cors_cfg = app.config.cors.as_ref();
+    if let Some(c) = cors_cfg.filter(|_| cors::is_preflight(req.method(), req.headers())) {
+        // A preflight for a stream (GET on a stream route) is herald's to answer; others are the
+        // upstream's unless herald overrides CORS everywhere.
+        let stream = cors::requested_method(req.headers()) == Some(b"GET")
+            && !matches!(
+                app.routes.resolve(req.uri().path(), req.uri().query()),
+                Ok(None)
+            );
+        if stream || c.pass_through == CorsPassThrough::Override {
+            return cors::preflight(c, req.headers(), stream);
+        }
+    }
+    let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
+    if req.method() == Method::GET && accepts_event_stream(req.headers()) {
+        let resp = match app.routes.resolve(req.uri().path(), req.uri().query()) {
+            Ok(Some((route, key))) => Some(open_stream(&app, &route, key, req.headers())),
+            Ok(None) => None,
+            Err(e) => Some(json_error(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                &e.to_string(),
+            )),
+        };
+        if let Some(mut resp) = resp {
+            if let Some(c) = cors_cfg {
+                cors::decorate(c, origin.as_ref(), resp.headers_mut());
+            }
+            return resp;
+        }
+    }
+    // HEAD must describe what an uncompressed GET would send.
+    let gzip = req.method() != Method::HEAD && compress::accepts_gzip(req.headers());
+    let resp = proxy::forward(
+        &app.upstream,
+        app.config.proxy.timeout,
+        req,
+        conn.peer,
+        conn.tls,
+    )
+    .await;
+    let mut resp = compress::pass_through(resp, gzip, &app.config.compression);
+    if let Some(c) = cors_cfg.filter(|c| c.pass_through == CorsPassThrough::Override) {
+        cors::replace(c, origin.as_ref(), resp.headers_mut());
+    }
+    resp
+}
+
+fn open_stream(
+    app: &App,
+    route: &crate::routes::Route,
+    key: crate::routes::TopicKey,
+    headers: &HeaderMap,
+) -> Response<ResponseBody> {
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_event_id);
+    let slot = Arc::new(WatchSlot::default());
+    let sub = app.hub.subscribe(route, key, HeaderMap::new(), slot);
+    let cursor = sub.topic.resume_cursor(last);
+    debug!(topic = %sub.topic.key.resource, ?cursor, "stream opened");
+    let sse = &app.config.sse;
+    let jitter = |max: std::time::Duration| {
+        if max.is_zero() {
+            max
+        } else {
+            rand::thread_rng().gen_range(std::time::Duration::ZERO..=max)
+        }
+    };
+    let body = SseStream::new(
+        sub,
+        cursor,
+        sse.retry + jitter(sse.retry_jitter),
+        sse.heartbeat,
+        app.streams.clone(),
+        sse.retry + jitter(sse.retry_jitter.max(sse.retry)),
+    );
+    let compression = app.config.compression.enabled;
+    let gzip = compression && compress::accepts_gzip(headers);
+    let body = if gzip {
+        GzipStream::new(body)
+            .map_err(|e| -> super::BoxError { Box::new(e) })
+            .boxed_unsync()
+    } else {
+        body.map_err(|e| -> super::BoxError { Box::new(e) })
+            .boxed_unsync()
+    };
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    if gzip {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    if compression {
+        compress::add_vary(h, "accept-encoding");
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// Whether `Accept` lists `text/event-stream` with a non-zero q (e.g. what `EventSource` sends).
+pub fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim();
+            let q_zero = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            media.eq_ignore_ascii_case("text/event-stream") && !q_zero
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_parsing() {
+        let h = |v: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ACCEPT, HeaderValue::from_static(v));
+            accepts_event_stream(&m)
+        };
+        assert!(h("text/event-stream"));
+        assert!(h("application/json, Text/Event-Stream;q=0.5"));
+        assert!(!h("text/event-stream;q=0"));
+        assert!(!h("*/*"));
+        assert!(!h("application/json"));
+        assert!(!accepts_event_stream(&HeaderMap::new()));
+    }
+}

@@ -1,0 +1,374 @@
+//! TLS termination for a listener: loads a PEM chain and key (RSA, ECDSA or Ed25519; PKCS#8, PKCS#1
+//! or SEC1), offers ALPN `h2` and `http/1.1`, and swaps in a new certificate when the files change or
+//! on SIGHUP without touching open connections. Knows nothing of HTTP; `conn.rs` drives handshakes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config;
+use crate::error::{Error, Result};
+
+/// How long a client may take to complete its handshake before the connection is dropped; bounds
+/// what a slow or silent client can hold (a connection permit, a task) before it sends a request.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the certificate files are checked for changes.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The server side of TLS for one listener. Cheap to clone; clones share the certificate, so a
+/// reload through any of them is seen by all.
+#[derive(Clone)]
+pub struct Acceptor {
+    inner: tokio_rustls::TlsAcceptor,
+    certs: Arc<CertStore>,
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptor")
+            .field("files", &self.certs.files)
+            .finish()
+    }
+}
+
+impl Acceptor {
+    /// Load `[tls] cert` and `key`; the error names the file at fault.
+    pub fn from_files(files: &config::Tls) -> Result<Acceptor> {
+        // Stamp first, as in `reload`: a change during the read is seen by the next check.
+        let stamp = Stamp::of(files);
+        let key = load(files)?;
+        Ok(Acceptor::with_store(CertStore {
+            current: RwLock::new(key),
+            files: Some(files.clone()),
+            stamp: Mutex::new(stamp),
+        }))
+    }
+
+    /// A fixed certificate from PEM text (`herald demo`'s self-signed one); never reloaded.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Acceptor> {
+        let fail = |message| Error::Tls {
+            path: PathBuf::from("<in memory>"),
+            message,
+        };
+        let chain = parse_chain(cert_pem).map_err(fail)?;
+        let key = parse_key(key_pem).map_err(fail)?;
+        let key = certified(chain, key).map_err(|(_, message)| fail(message))?;
+        Ok(Acceptor::with_store(CertStore {
+            current: RwLock::new(key),
+            files: None,
+            stamp: Mutex::new(None),
+        }))
+    }
+
+    fn with_store(store: CertStore) -> Acceptor {
+        let certs = Arc::new(store);
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports rustls's safe default protocol versions")
+            .with_no_client_auth()
+            .with_cert_resolver(certs.clone());
+        // h2 first: a client offering both gets HTTP/2, whose streams share one connection.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Acceptor {
+            inner: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            certs,
+        }
+    }
+
+    /// Complete a server handshake on `stream` (callers bound it with [`HANDSHAKE_TIMEOUT`]).
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+        self.inner.accept(stream).await
+    }
+
+    /// The certificate chain new handshakes present (leaf first).
+    pub fn current_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.certs.current().cert.clone()
+    }
+
+    /// Read the files again and, if they form a valid pair, use them for new handshakes. On error
+    /// the previous certificate stays in use. Does nothing for an in-memory certificate.
+    pub fn reload(&self) -> Result<()> {
+        let Some(files) = &self.certs.files else {
+            return Ok(());
+        };
+        // Take the stamp before reading: a write that lands during the read changes the files
+        // again after this stamp, so the watcher reloads once more.
+        let stamp = Stamp::of(files);
+        let result = load(files);
+        *self
+            .certs
+            .stamp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = stamp;
+        let key = result?;
+        *self
+            .certs
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = key;
+        Ok(())
+    }
+
+    /// Reload if the files' modification time, size or inode changed since the last load; returns
+    /// `None` when they did not.
+    pub fn reload_if_changed(&self) -> Option<Result<()>> {
+        let files = self.certs.files.as_ref()?;
+        let now = Stamp::of(files);
+        if *self
+            .certs
+            .stamp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            == now
+        {
+            return None;
+        }
+        Some(self.reload())
+    }
+
+    /// Watch the files until `cancel`: check them every [`WATCH_INTERVAL`], and reload at once on
+    /// SIGHUP. The signal handler is installed before this returns, so a SIGHUP sent after it
+    /// cannot kill the process. A failed reload is logged and the old certificate stays.
+    pub fn watch(self, cancel: CancellationToken) -> impl std::future::Future<Output = ()> + Send {
+        let mut hangup = if self.certs.files.is_some() {
+            hangup_signal()
+        } else {
+            None
+        };
+        async move {
+            if self.certs.files.is_none() {
+                return;
+            }
+            let mut ticker = tokio::time::interval(WATCH_INTERVAL);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                let forced = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = ticker.tick() => false,
+                    Some(()) = recv_hangup(&mut hangup) => true,
+                };
+                let me = self.clone();
+                // File reads may block (network file systems): keep them off the async workers.
+                let outcome = tokio::task::spawn_blocking(move || {
+                    if forced {
+                        Some(me.reload())
+                    } else {
+                        me.reload_if_changed()
+                    }
+                })
+                .await;
+                match outcome {
+                    Ok(Some(Ok(()))) => info!(forced, "TLS certificate reloaded"),
+                    Ok(Some(Err(e))) => {
+                        warn!(error = %e, "TLS reload failed; keeping the previous certificate")
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "TLS reload task failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Without `[tls]` there is nothing to reload, but SIGHUP's default action would still kill the
+/// process (and `systemctl reload` sends it): take it and say so, until `cancel`.
+pub fn ignore_hangup(cancel: CancellationToken) -> impl std::future::Future<Output = ()> + Send {
+    let mut hangup = hangup_signal();
+    async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = recv_hangup(&mut hangup) => match r {
+                    Some(()) => info!("SIGHUP: no [tls] to reload; the config is read at startup only"),
+                    None => return,
+                },
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+#[cfg(unix)]
+fn hangup_signal() -> Hangup {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP; TLS files are still checked every {WATCH_INTERVAL:?}");
+            None
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn recv_hangup(hangup: &mut Hangup) -> Option<()> {
+    match hangup {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+fn hangup_signal() -> Hangup {
+    None
+}
+
+#[cfg(not(unix))]
+async fn recv_hangup(_: &mut Hangup) -> Option<()> {
+    std::future::pending().await
+}
+
+/// The certificate in use and where it came from.
+#[derive(Debug)]
+struct CertStore {
+    /// Swapped whole on reload; a handshake clones the `Arc`, so connections that already have it
+    /// are unaffected.
+    current: RwLock<Arc<CertifiedKey>>,
+    /// None for an in-memory certificate, which is never reloaded.
+    files: Option<config::Tls>,
+    /// What the files looked like at the last load (successful or not), so that a broken file is
+    /// reported once per change rather than on every check.
+    stamp: Mutex<Option<Stamp>>,
+}
+
+impl CertStore {
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// Modification time, size and inode of the cert and key files: a change in any means new files
+/// (an in-place write changes the time and usually the size; a symlink or rename swap, as
+/// certbot and Kubernetes secrets do, changes the inode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp([(Option<SystemTime>, u64, u64); 2]);
+
+impl Stamp {
+    fn of(files: &config::Tls) -> Option<Stamp> {
+        Some(Stamp([file_stamp(&files.cert)?, file_stamp(&files.key)?]))
+    }
+}
+
+fn file_stamp(path: &Path) -> Option<(Option<SystemTime>, u64, u64)> {
+    let meta = fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((meta.modified().ok(), meta.len(), inode))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Read and check a certificate chain and its private key: both parse, and the key belongs to the
+/// leaf. Each error names the file at fault.
+pub fn load(files: &config::Tls) -> Result<Arc<CertifiedKey>> {
+    let read = |path: &Path| {
+        fs::read(path).map_err(|e| Error::Tls {
+            path: path.to_path_buf(),
+            message: format!("cannot read: {e}"),
+        })
+    };
+    let cert_pem = read(&files.cert)?;
+    let key_pem = read(&files.key)?;
+    let chain = parse_chain(&cert_pem).map_err(|message| Error::Tls {
+        path: files.cert.clone(),
+        message,
+    })?;
+    let key = parse_key(&key_pem).map_err(|message| Error::Tls {
+        path: files.key.clone(),
+        message,
+    })?;
+    certified(chain, key).map_err(|(fault, message)| match fault {
+        Fault::Cert => Error::Tls {
+            path: files.cert.clone(),
+            message,
+        },
+        Fault::Key => Error::Tls {
+            path: files.key.clone(),
+            message,
+        },
+        Fault::Pair => Error::Tls {
+            path: files.key.clone(),
+            message: format!("{message} in {}", files.cert.display()),
+        },
+    })
+}
+
+/// Which file a pairing error is blamed on.
+enum Fault {
+    Cert,
+    Key,
+    Pair,
+}
+
+fn parse_chain(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("invalid PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err(
+            "no certificate found (expected PEM \"BEGIN CERTIFICATE\" blocks, leaf first)".into(),
+        );
+    }
+    Ok(chain)
+}
+
+fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            "no private key found (expected PEM \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE KEY\" or \"BEGIN EC PRIVATE KEY\")".to_string()
+        }
+        e => format!("invalid PEM: {e}"),
+    })
+}
+
+/// Pair a chain with its key: the key must be usable by rustls and belong to the leaf.
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, (Fault, String)> {
+    CertifiedKey::from_der(chain, key, &provider())
+        .map(Arc::new)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => (
+                Fault::Pair,
+                "the private key does not match the certificate".to_string(),
+            ),
+            rustls::Error::InvalidCertificate(e) => {
+                (Fault::Cert, format!("invalid certificate: {e}"))
+            }
+            e => (Fault::Key, format!("unusable private key: {e}")),
+        })
+}

@@ -1,0 +1,186 @@
+//! One SSE response body: `retry:` first, then whatever the topic has for this watcher's cursor
+//! (replay, snapshot, live events), a heartbeat comment when idle, and a last event when herald
+//! shuts down. It is polled by hyper only when the socket can take more, so a slow client simply
+//! stops reading from the shared history and is resynced with a snapshot if it falls out of it.
+//! As a `Body` it sends plain SSE text; `poll_item` exposes the same steps, tagged shared or
+//! per-client, to content codings (`sse::gzip`).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::encode;
+use crate::hub::{Cursor, Delivery, Encoded, Encoding, Event, StopReason, Subscription};
+
+/// Why a stream ended abnormally (the connection is then reset rather than closed cleanly).
+#[derive(Debug, thiserror::Error)]
+#[error("stream closed by herald")]
+pub struct StreamClosed;
+
+/// `: heartbeat`, the comment an idle stream sends; the same bytes for every client.
+pub const HEARTBEAT: &[u8] = b": heartbeat\n\n";
+
+/// One step of a stream before any content coding. Hub events are the same `Arc<Event>`s for every
+/// watcher of a topic, so a coding layer caches their wire bytes on the event; `Own` bytes exist
+/// for this client alone (per-client `retry:` jitter, timestamps) and are coded on the fly.
+pub enum Item {
+    /// Events of the topic in order: replay, snapshot or live (never `Delivery::Nothing`).
+    Events(Delivery),
+    /// The `retry:` prelude, or the last event of the stream.
+    Own(Bytes),
+    /// `HEARTBEAT`.
+    Heartbeat,
+}
+
+pub struct SseStream {
+    sub: Subscription,
+    cursor: Cursor,
+    /// `retry:` (and anything else that goes first), sent on the first poll.
+    prelude: Option<Bytes>,
+    heartbeat: Duration,
+    last_write: Instant,
+    /// Fires when herald shuts down: the stream sends `shutdown` and ends.
+    shutdown: CancellationToken,
+    /// The `retry:` sent with the shutdown event (jittered per client).
+    shutdown_retry: Duration,
+    done: bool,
+}
+
+impl SseStream {
+    pub fn new(
+        sub: Subscription,
+        cursor: Cursor,
+        retry: Duration,
+        heartbeat: Duration,
+        shutdown: CancellationToken,
+        shutdown_retry: Duration,
+    ) -> SseStream {
+        SseStream {
+            sub,
+            cursor,
+            prelude: Some(encode::retry(retry.as_millis() as u64)),
+            heartbeat,
+            last_write: Instant::now(),
+            shutdown,
+            shutdown_retry,
+            done: false,
+        }
+    }
+
+    fn closing_event(&self, kind: &str, reason: &str, retry: Option<Duration>) -> Bytes {
+        let envelope = serde_json::json!({
+            "type": kind,
+            "topic": &*self.sub.topic.key.resource,
+            "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "data": { "reason": reason },
+        });
+        let mut buf = BytesMut::new();
+        if let Some(r) = retry {
+            buf.extend_from_slice(&encode::retry(r.as_millis() as u64));
+        }
+        buf.extend_from_slice(&encode::event(
+            None,
+            Some(kind),
+            envelope.to_string().as_bytes(),
+        ));
+        buf.freeze()
+    }
+
+    /// The next thing to send, before any content coding (see `Item`). A coding layer such as
+    /// `sse::gzip` calls this instead of polling the stream as a `Body`.
+    pub fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        // Registering before looking closes the race with a publish between look and register.
+        self.sub.slot.register(cx.waker());
+        if let Some(p) = self.prelude.take() {
+            self.last_write = Instant::now();
+            return Poll::Ready(Some(Item::Own(p)));
+        }
+        match self.sub.topic.next(&mut self.cursor) {
+            Delivery::Nothing => {}
+            events => {
+                self.last_write = Instant::now();
+                return Poll::Ready(Some(Item::Events(events)));
+            }
+        }
+        if self.shutdown.is_cancelled() {
+            self.done = true;
+            let retry = Some(self.shutdown_retry);
+            return Poll::Ready(Some(Item::Own(self.closing_event(
+                "shutdown",
+                "herald is restarting",
+                retry,
+            ))));
+        }
+        if let Some(StopReason::SlowConsumer) = self.sub.slot.stop_reason() {
+            self.done = true;
+            return Poll::Ready(Some(Item::Own(self.closing_event(
+                "error",
+                "slow-consumer: the client did not read its events in time",
+                None,
+            ))));
+        }
+        let now = Instant::now();
+        if now.duration_since(self.last_write) >= self.heartbeat {
+            self.last_write = now;
+            return Poll::Ready(Some(Item::Heartbeat));
+        }
+        Poll::Pending
+    }
+}
+
+/// The SSE text of a hub event, cached on the event so it is made once per topic.
+pub fn identity(ev: &Event) -> Bytes {
+    ev.encoded(Encoding::Identity, |ev| {
+        Encoded::identity(encode::hub_event(ev))
+    })
+    .bytes
+}
+
+impl Item {
+    /// The item as plain SSE text: shared bytes as cached, so a live event costs no allocation.
+    fn into_identity(self) -> Bytes {
+        match self {
+            Item::Own(b) => b,
+            Item::Heartbeat => Bytes::from_static(HEARTBEAT),
+            Item::Events(Delivery::One(ev)) => identity(&ev),
+            Item::Events(Delivery::Many(evs)) => {
+                let mut buf = BytesMut::new();
+                for ev in &evs {
+                    buf.extend_from_slice(&identity(ev));
+                }
+                buf.freeze()
+            }
+            Item::Events(Delivery::Nothing) => Bytes::new(),
+        }
+    }
+}
+
+impl Body for SseStream {
+    type Data = Bytes;
+    type Error = StreamClosed;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamClosed>>> {
+        self.get_mut()
+            .poll_item(cx)
+            .map(|o| o.map(|item| Ok(Frame::data(item.into_identity()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}

@@ -1,0 +1,126 @@
+//! Configuration errors name the file, the line and the key, and say what was expected; a valid
+//! file (the shipped example) passes `herald check`.
+
+use std::process::Command;
+
+fn check(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "proxy.toml");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+const HEAD: &str = "listen = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:3000\"\n";
+
+#[test]
+fn example_config_is_valid() {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml.example"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn errors_name_file_line_and_key() {
+    let cases: &[(&str, &str)] = &[
+        // unknown key
+        ("[sse]\nhistroy = 10\n", "proxy.toml:4:1: [sse] histroy: unknown field `histroy`"),
+        // bad duration
+        ("[[route]]\npath = \"/a\"\ninterval = \"2x\"\n", "proxy.toml:5:12: [[route]] interval: invalid duration \"2x\""),
+        // interval too short (validation, with the route named)
+        ("[[route]]\npath = \"/a/{id}\"\ninterval = \"1ms\"\n", "proxy.toml:5:12: route \"/a/{id}\" interval: must be at least 10ms"),
+        // duplicate route
+        ("[[route]]\npath = \"/a\"\n[[route]]\npath = \"/a\"\n", "proxy.toml:6:8: route \"/a\" path: the same path is listed twice"),
+        // bad template
+        ("[[route]]\npath = \"/a/{id\"\n", "proxy.toml:4:8: [[route]] path: invalid path \"/a/{id\": a parameter must be a whole segment"),
+        ("[[route]]\npath = \"/a/../b\"\n", "no '.' or '..' segments"),
+        ("[[route]]\npath = \"a\"\n", "it must start with '/'"),
+        // bad enum
+        ("[[route]]\npath = \"/a\"\ndiff = \"xml\"\n", "proxy.toml:5:8: [[route]] diff: unknown variant `xml`, expected one of `json-patch`, `merge-patch`, `snapshot`"),
+        // missing key
+        ("[[route]]\ninterval = \"1s\"\n", "proxy.toml:3:1: [[route]] path: missing field `path`"),
+        // bad size
+        ("[sse]\nhistory_bytes = \"12 parsecs\"\n", "proxy.toml:4:17: [sse] history_bytes: invalid size"),
+        // wrong type
+        ("[sse]\nhistory = \"many\"\n", "proxy.toml:4:11: [sse] history: invalid type: string \"many\", expected usize"),
+        // heartbeat too short
+        ("[sse]\nheartbeat = \"1ms\"\n", "proxy.toml:4:13: sse.heartbeat: must be at least 10ms"),
+    ];
+    for (extra, expected) in cases {
+        let (code, err) = check(&format!("{HEAD}{extra}"));
+        assert_eq!(code, 64, "exit code for {extra:?}: {err}");
+        assert!(
+            err.contains(expected),
+            "for {extra:?}\n expected: {expected}\n got: {err}"
+        );
+    }
+    let (code, err) = check("listen = \"nope\"\nupstream = \"ftp://x\"\n");
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("proxy.toml:1:10: listen: invalid socket address syntax"),
+        "{err}"
+    );
+    let (code, err) = check("listen = \"127.0.0.1:1\"\nupstream = \"ftp://x\"\n");
+    assert_eq!(code, 64);
+    assert!(err.contains("proxy.toml:2:12: upstream: invalid upstream \"ftp://x\": the scheme must be http or https"), "{err}");
+    let (code, err) = check("upstream = \"http://x\"\n");
+    assert_eq!(code, 64);
+    assert!(err.contains("listen: missing field `listen`"), "{err}");
+    let (code, err) = check("this is not toml");
+    assert_eq!(code, 64);
+    assert!(err.starts_with("proxy.toml:1:"), "{err}");
+}
+
+#[test]
+fn every_validation_problem_is_reported_at_once() {
+    let (code, err) = check(&format!(
+        "{HEAD}[[route]]\npath = \"/a\"\ninterval = \"1ms\"\n[[route]]\npath = \"/a\"\ninterval = \"5ms\"\n"
+    ));
+    assert_eq!(code, 64);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines[0].starts_with("proxy.toml:5:"));
+    assert!(lines[1].contains("the same path is listed twice"));
+    assert!(lines[2].starts_with("proxy.toml:8:"));
+}
+
+#[test]
+fn missing_file_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["check", "--config", "/nonexistent/herald.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/herald.toml: cannot read"));
+}
+
+#[test]
+fn run_refuses_bad_config_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:0\"\nupstream = \"http://x\"\n[[route]]\npath = \"/a\"\ninterval = \"0s\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interval: must be at least 10ms"));
+}
