@@ -1,0 +1,910 @@
+//! `herald-bench`: the load generator and its companions, never run by `cargo test` except as a
+//! seconds-long smoke test.
+//!
+//! * `run`: the coordinator. Spawns worker processes (each under the 20k open-files cap), ramps N SSE
+//!   streams up at a set rate, samples the server's RSS and CPU from `/proc`, and prints a table.
+//! * `worker`: opens its share of streams (HTTP/1.1 one connection each, or HTTP/2 with many
+//!   streams per connection; gzip or not), spreading source addresses over 127.0.0.x, parses every
+//!   event and reports latency, throughput, gaps and duplicates as JSON lines.
+//! * `upstream`: a legacy API for herald to poll: `/topic/{n}` bodies that change at a set rate and
+//!   carry their own sequence and timestamp, so end-to-end latency can be measured.
+//! * `publish`: pushes the same bodies to a push server (Nchan, the Node server) for comparisons.
+//! * `floor`: the no-logic floor: a tokio server that writes the same pre-encoded bytes to every
+//!   socket (task per stream, broadcast of `Bytes`, `write_all`).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpSocket};
+
+#[derive(Parser)]
+#[command(
+    name = "herald-bench",
+    about = "Load generator for herald and the alternatives"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq)]
+enum Proto {
+    H1,
+    H2,
+}
+
+#[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
+struct Load {
+    /// Server base URL (http only; loopback).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    target: String,
+    /// Path of stream i: `{n}` is replaced by i % topics.
+    #[arg(long, default_value = "/topic/{n}")]
+    path: String,
+    #[arg(long, default_value_t = 1)]
+    topics: usize,
+    /// Streams in total.
+    #[arg(long, default_value_t = 100)]
+    streams: usize,
+    /// New streams per second (all workers together).
+    #[arg(long, default_value_t = 2000)]
+    ramp: usize,
+    /// Seconds to hold all streams open after the ramp.
+    #[arg(long, default_value_t = 10)]
+    hold: u64,
+    #[arg(long, value_enum, default_value_t = Proto::H1)]
+    proto: Proto,
+    /// HTTP/2 streams per connection.
+    #[arg(long, default_value_t = 100)]
+    per_conn: usize,
+    /// Ask for gzip.
+    #[arg(long)]
+    gzip: bool,
+    /// Source addresses 127.0.0.1 ..= 127.0.0.K, so more than 64k connections fit.
+    #[arg(long, default_value_t = 16)]
+    src_ips: u8,
+    /// Expect herald's envelope (`{"type","topic","timestamp","data"}` and `<inc>-<seq>` ids); off
+    /// for servers that send raw bodies.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    envelope: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Coordinate a run: workers, ramp, /proc sampling, table.
+    Run {
+        #[command(flatten)]
+        load: Load,
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Server process to sample (RSS, CPU, fds).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// A label for the table row.
+        #[arg(long, default_value = "herald")]
+        label: String,
+        /// Append the result table (markdown) to this file.
+        #[arg(long)]
+        append: Option<std::path::PathBuf>,
+        /// Stop with a non-zero exit if any stream saw a gap or duplicate, or fewer events arrived.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// One worker process (started by `run`).
+    Worker {
+        #[arg(long)]
+        spec: String,
+    },
+    /// A polled upstream with changing topics.
+    Upstream {
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        listen: SocketAddr,
+        /// Changes per second of every topic.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Approximate body size in bytes.
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+    },
+    /// Publish changing bodies to a push server's publish endpoint.
+    Publish {
+        /// URL with `{n}` for the topic, e.g. http://127.0.0.1:8081/pub?id={n}.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        topics: usize,
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// The no-logic floor server.
+    Floor {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            load,
+            workers,
+            pid,
+            label,
+            append,
+            strict,
+        } => coordinate(load, workers, pid, &label, append, strict),
+        Cmd::Worker { spec } => {
+            let spec: WorkerSpec = serde_json::from_str(&spec).context("worker spec")?;
+            runtime()?.block_on(worker(spec))
+        }
+        Cmd::Upstream { listen, rate, size } => runtime()?.block_on(upstream(listen, rate, size)),
+        Cmd::Publish {
+            url,
+            topics,
+            rate,
+            size,
+            seconds,
+        } => runtime()?.block_on(publish(&url, topics, rate, size, seconds)),
+        Cmd::Floor { listen, rate, size } => runtime()?.block_on(floor(listen, rate, size)),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The body every source publishes: a sequence, a microsecond timestamp and padding.
+fn body(seq: u64, size: usize) -> String {
+    let head = format!("{{\"seq\":{seq},\"ts\":{},\"pad\":\"", now_micros());
+    let pad = size.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coordinator
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct WorkerSpec {
+    load: Load,
+    /// Stream indexes [first, first + count).
+    first: usize,
+    count: usize,
+    /// This worker's share of the ramp rate.
+    ramp: f64,
+    /// Source IP offset so workers use different addresses.
+    ip_offset: u8,
+}
+
+/// What a worker reports every second (cumulative counters, latency histograms since start).
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
+struct Report {
+    worker: usize,
+    /// Streams currently open.
+    open: u64,
+    /// Streams that were opened successfully at some point.
+    opened: u64,
+    failed: u64,
+    events: u64,
+    bytes: u64,
+    gaps: u64,
+    dups: u64,
+    snapshots: u64,
+    /// Fan-out latency (herald's envelope timestamp → receipt), ms buckets.
+    fanout: Vec<u64>,
+    /// End-to-end latency (source timestamp → receipt), 0.1 ms buckets up to 10 s.
+    e2e: Vec<u64>,
+    done: bool,
+}
+
+const E2E_BUCKETS: usize = 100_000; // 0.1 ms each: up to 10 s
+const FANOUT_BUCKETS: usize = 10_000; // 1 ms each
+
+fn percentile(hist: &[u64], p: f64, unit_ms: f64) -> Option<f64> {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * p).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, &n) in hist.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some(i as f64 * unit_ms);
+        }
+    }
+    Some((hist.len() - 1) as f64 * unit_ms)
+}
+
+fn max_of(hist: &[u64], unit_ms: f64) -> Option<f64> {
+    hist.iter()
+        .rposition(|&n| n > 0)
+        .map(|i| i as f64 * unit_ms)
+}
+
+#[derive(Default, Clone, Copy)]
+struct ProcSample {
+    rss_kib: u64,
+    cpu_ticks: u64,
+    fds: u64,
+    threads: u64,
+}
+
+fn sample_proc(pid: u32) -> Option<ProcSample> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count() as u64)
+        .unwrap_or(0);
+    Some(ProcSample {
+        rss_kib: field("VmRSS:"),
+        cpu_ticks: utime + stime,
+        fds,
+        threads: field("Threads:"),
+    })
+}
+
+fn coordinate(
+    load: Load,
+    workers: usize,
+    pid: Option<u32>,
+    label: &str,
+    append: Option<std::path::PathBuf>,
+    strict: bool,
+) -> Result<()> {
+    let workers = workers.clamp(1, 64);
+    if load.streams / workers > 18_000 {
+        bail!("more than 18,000 streams per worker would hit the open-files cap: add --workers");
+    }
+    let exe = std::env::current_exe()?;
+    let baseline = pid.and_then(sample_proc);
+    let started = Instant::now();
+    let mut children = Vec::new();
+    let per = load.streams.div_ceil(workers);
+    for w in 0..workers {
+        let first = w * per;
+        let count = per.min(load.streams.saturating_sub(first));
+        let spec = WorkerSpec {
+            load: load.clone(),
+            first,
+            count,
+            ramp: load.ramp as f64 / workers as f64,
+            ip_offset: (w as u8).wrapping_mul(load.src_ips.max(1)),
+        };
+        let child = Command::new(&exe)
+            .args(["worker", "--spec", &serde_json::to_string(&spec)?])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning a worker")?;
+        children.push(child);
+    }
+    let reports: Arc<Mutex<HashMap<usize, Report>>> = Arc::default();
+    let mut readers = Vec::new();
+    for (w, child) in children.iter_mut().enumerate() {
+        let Some(out) = child.stdout.take() else {
+            continue;
+        };
+        let reports = reports.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(mut r) = serde_json::from_str::<Report>(&line) {
+                    r.worker = w;
+                    reports
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(w, r);
+                }
+            }
+        }));
+    }
+    // Sample the server while the load runs: peak RSS when all streams are open, CPU over the hold.
+    let ramp_secs = load.streams as f64 / load.ramp.max(1) as f64;
+    let total = Duration::from_secs_f64(ramp_secs) + Duration::from_secs(load.hold);
+    let mut at_full: Option<(Instant, ProcSample, u64)> = None;
+    let mut last = baseline;
+    let mut peak_rss = 0;
+    while started.elapsed() < total + Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(500));
+        let sum = summed(&reports.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(s) = pid.and_then(sample_proc) {
+            peak_rss = peak_rss.max(s.rss_kib);
+            last = Some(s);
+            if at_full.is_none() && sum.open as usize >= load.streams {
+                at_full = Some((Instant::now(), s, sum.events));
+            }
+        }
+        if children
+            .iter_mut()
+            .all(|c| matches!(c.try_wait(), Ok(Some(_))))
+        {
+            break;
+        }
+    }
+    for c in &mut children {
+        let _ = c.wait();
+    }
+    for r in readers {
+        let _ = r.join();
+    }
+    let sum = summed(&reports.lock().unwrap_or_else(|p| p.into_inner()));
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut row = vec![
+        ("label", label.to_string()),
+        (
+            "proto",
+            format!("{:?}{}", load.proto, if load.gzip { "+gzip" } else { "" }),
+        ),
+        ("streams", format!("{}/{}", sum.opened, load.streams)),
+        ("failed", sum.failed.to_string()),
+        ("events", sum.events.to_string()),
+        ("gaps", sum.gaps.to_string()),
+        ("dups", sum.dups.to_string()),
+    ];
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    row.push(("fanout p50 ms", fmt(percentile(&sum.fanout, 0.5, 1.0))));
+    row.push(("fanout p99 ms", fmt(percentile(&sum.fanout, 0.99, 1.0))));
+    row.push(("e2e p50 ms", fmt(percentile(&sum.e2e, 0.5, 0.1))));
+    row.push(("e2e p99 ms", fmt(percentile(&sum.e2e, 0.99, 0.1))));
+    row.push(("e2e max ms", fmt(max_of(&sum.e2e, 0.1))));
+    row.push(("events/s", format!("{:.0}", sum.events as f64 / elapsed)));
+    row.push(("MB/s", format!("{:.2}", sum.bytes as f64 / elapsed / 1e6)));
+    if let (Some(base), Some((t_full, full, ev_full)), Some(end)) = (baseline, at_full, last) {
+        let streams = load.streams.max(1) as f64;
+        let per_stream = (full.rss_kib.saturating_sub(base.rss_kib)) as f64 / streams;
+        let hold = t_full.elapsed().as_secs_f64().max(0.001);
+        let cpu_s = (end.cpu_ticks.saturating_sub(full.cpu_ticks)) as f64 / 100.0;
+        let deliveries = sum.events.saturating_sub(ev_full) as f64;
+        row.push((
+            "server RSS MiB",
+            format!("{:.1}", full.rss_kib as f64 / 1024.0),
+        ));
+        row.push(("KiB/stream", format!("{per_stream:.2}")));
+        row.push(("server CPU %", format!("{:.1}", cpu_s / hold * 100.0)));
+        row.push((
+            "deliveries/CPU-s",
+            if cpu_s > 0.0 {
+                format!("{:.0}", deliveries / cpu_s)
+            } else {
+                "-".into()
+            },
+        ));
+        row.push(("fds", end.fds.to_string()));
+        row.push(("threads", end.threads.to_string()));
+        row.push(("peak RSS MiB", format!("{:.1}", peak_rss as f64 / 1024.0)));
+    }
+    let header = format!(
+        "| {} |",
+        row.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(" | ")
+    );
+    let sep = format!("|{}", "---|".repeat(row.len()));
+    let line = format!(
+        "| {} |",
+        row.iter()
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("{header}\n{sep}\n{line}");
+    if let Some(path) = append {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        writeln!(f, "{header}\n{sep}\n{line}\n")?;
+    }
+    if strict
+        && (sum.gaps > 0 || sum.dups > 0 || sum.failed > 0 || (sum.opened as usize) < load.streams)
+    {
+        bail!(
+            "strict: {} gaps, {} dups, {} failed, {}/{} opened",
+            sum.gaps,
+            sum.dups,
+            sum.failed,
+            sum.opened,
+            load.streams
+        );
+    }
+    Ok(())
+}
+
+fn summed(reports: &HashMap<usize, Report>) -> Report {
+    let mut s = Report {
+        fanout: vec![0; FANOUT_BUCKETS],
+        e2e: vec![0; E2E_BUCKETS],
+        ..Default::default()
+    };
+    for r in reports.values() {
+        s.open += r.open;
+        s.opened += r.opened;
+        s.failed += r.failed;
+        s.events += r.events;
+        s.bytes += r.bytes;
+        s.gaps += r.gaps;
+        s.dups += r.dups;
+        s.snapshots += r.snapshots;
+        for (a, b) in s.fanout.iter_mut().zip(&r.fanout) {
+            *a += b;
+        }
+        for (a, b) in s.e2e.iter_mut().zip(&r.e2e) {
+            *a += b;
+        }
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker
+
+#[derive(Default)]
+struct Stats {
+    open: AtomicU64,
+    opened: AtomicU64,
+    failed: AtomicU64,
+    events: AtomicU64,
+    bytes: AtomicU64,
+    gaps: AtomicU64,
+    dups: AtomicU64,
+    snapshots: AtomicU64,
+    fanout: Mutex<Vec<u64>>,
+    e2e: Mutex<Vec<u64>>,
+}
+
+impl Stats {
+    fn report(&self, done: bool) -> Report {
+        Report {
+            worker: 0,
+            open: self.open.load(Ordering::Relaxed),
+            opened: self.opened.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            gaps: self.gaps.load(Ordering::Relaxed),
+            dups: self.dups.load(Ordering::Relaxed),
+            snapshots: self.snapshots.load(Ordering::Relaxed),
+            fanout: self
+                .fanout
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            e2e: self.e2e.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            done,
+        }
+    }
+}
+
+async fn worker(spec: WorkerSpec) -> Result<()> {
+    let stats = Arc::new(Stats {
+        fanout: Mutex::new(vec![0; FANOUT_BUCKETS]),
+        e2e: Mutex::new(vec![0; E2E_BUCKETS]),
+        ..Default::default()
+    });
+    let uri: hyper::Uri = spec.load.target.parse().context("target URL")?;
+    let host = uri.host().unwrap_or("127.0.0.1").to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let ip: IpAddr = host.parse().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let target = SocketAddr::new(ip, port);
+    let stop_at = tokio::time::Instant::now()
+        + Duration::from_secs_f64(spec.count as f64 / spec.ramp.max(1.0))
+        + Duration::from_secs(spec.load.hold);
+    let reporter = {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                t.tick().await;
+                println!(
+                    "{}",
+                    serde_json::to_string(&stats.report(false)).unwrap_or_default()
+                );
+            }
+        })
+    };
+    let gap = Duration::from_secs_f64(1.0 / spec.ramp.max(1.0));
+    let mut tasks = Vec::new();
+    let per_conn = if spec.load.proto == Proto::H2 {
+        spec.load.per_conn.max(1)
+    } else {
+        1
+    };
+    let mut i = 0;
+    let mut next = tokio::time::Instant::now();
+    while i < spec.count {
+        let n = per_conn.min(spec.count - i);
+        let streams: Vec<usize> = (spec.first + i..spec.first + i + n).collect();
+        let src = Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + ((spec.ip_offset as usize + i / per_conn) % spec.load.src_ips.max(1) as usize)
+                as u8,
+        );
+        let (load, stats) = (spec.load.clone(), stats.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) =
+                connection(&load, target, src, streams.clone(), &stats, gap, stop_at).await
+            {
+                stats
+                    .failed
+                    .fetch_add(streams.len() as u64, Ordering::Relaxed);
+                eprintln!("connection from {src}: {e:#}");
+            }
+        }));
+        i += n;
+        next += gap * n as u32;
+        tokio::time::sleep_until(next).await;
+    }
+    tokio::time::sleep_until(stop_at).await;
+    for t in &tasks {
+        t.abort();
+    }
+    reporter.abort();
+    println!("{}", serde_json::to_string(&stats.report(true))?);
+    Ok(())
+}
+
+async fn connection(
+    load: &Load,
+    target: SocketAddr,
+    src: Ipv4Addr,
+    streams: Vec<usize>,
+    stats: &Arc<Stats>,
+    gap: Duration,
+    stop_at: tokio::time::Instant,
+) -> Result<()> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(IpAddr::V4(src), 0))?;
+    let tcp = sock.connect(target).await.context("connect")?;
+    tcp.set_nodelay(true)?;
+    let io = TokioIo::new(tcp);
+    let request = |i: usize| -> Result<hyper::Request<Empty<Bytes>>> {
+        let path = load
+            .path
+            .replace("{n}", &(i % load.topics.max(1)).to_string());
+        let mut b = hyper::Request::get(format!("{}{}", load.target.trim_end_matches('/'), path))
+            .header("accept", "text/event-stream");
+        if load.gzip {
+            b = b.header("accept-encoding", "gzip");
+        }
+        Ok(b.body(Empty::new())?)
+    };
+    match load.proto {
+        Proto::H1 => {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            let resp = send.send_request(request(streams[0])?).await?;
+            consume(resp, load, stats, stop_at).await
+        }
+        Proto::H2 => {
+            let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(256 * 1024)
+                .handshake(io)
+                .await?;
+            tokio::spawn(conn);
+            let mut handles = Vec::new();
+            for (k, &i) in streams.iter().enumerate() {
+                if k > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                let mut send = send.clone();
+                let req = request(i)?;
+                let (load, stats) = (load.clone(), stats.clone());
+                handles.push(tokio::spawn(async move {
+                    match send.send_request(req).await {
+                        Ok(resp) => {
+                            if let Err(e) = consume(resp, &load, &stats, stop_at).await {
+                                eprintln!("h2 stream: {e:#}");
+                            }
+                        }
+                        Err(e) => {
+                            stats.failed.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("h2 request: {e:#}");
+                        }
+                    }
+                }));
+            }
+            tokio::time::sleep_until(stop_at).await;
+            for h in handles {
+                h.abort();
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Read one SSE response to the end (or `stop_at`), parsing and timing every event.
+async fn consume(
+    resp: hyper::Response<Incoming>,
+    load: &Load,
+    stats: &Stats,
+    stop_at: tokio::time::Instant,
+) -> Result<()> {
+    if !resp.status().is_success() {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        bail!("status {}", resp.status());
+    }
+    let gz = resp
+        .headers()
+        .get("content-encoding")
+        .is_some_and(|v| v.as_bytes() == b"gzip");
+    stats.open.fetch_add(1, Ordering::Relaxed);
+    stats.opened.fetch_add(1, Ordering::Relaxed);
+    let mut body = resp.into_body();
+    let mut decoder = gz.then(|| flate2::write::GzDecoder::new(Vec::new()));
+    let mut parser = EventParser::default();
+    let mut last_seq: Option<(String, u64)> = None;
+    let result = loop {
+        let frame = tokio::select! {
+            _ = tokio::time::sleep_until(stop_at) => break Ok(()),
+            f = body.frame() => f,
+        };
+        let Some(frame) = frame else { break Ok(()) };
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let text = match decoder.as_mut() {
+            Some(d) => {
+                d.write_all(&data)?;
+                d.flush()?;
+                std::mem::take(d.get_mut())
+            }
+            None => data.to_vec(),
+        };
+        let received = now_micros();
+        for ev in parser.feed(&text) {
+            stats.events.fetch_add(1, Ordering::Relaxed);
+            record(load, stats, &ev, received, &mut last_seq);
+        }
+    };
+    stats.open.fetch_sub(1, Ordering::Relaxed);
+    result
+}
+
+fn record(
+    load: &Load,
+    stats: &Stats,
+    ev: &ParsedEvent,
+    received: u64,
+    last: &mut Option<(String, u64)>,
+) {
+    let data: serde_json::Value = serde_json::from_str(&ev.data).unwrap_or(serde_json::Value::Null);
+    let payload = if load.envelope { &data["data"] } else { &data };
+    // Gaps and duplicates, by herald's `<inc>-<seq>` ids: a snapshot may skip ahead (resync).
+    if load.envelope {
+        if let Some((inc, seq)) = ev.id.as_deref().and_then(|id| id.split_once('-')) {
+            if let Ok(seq) = u64::from_str_radix(seq, 36) {
+                let snapshot = ev.event == "snapshot";
+                if snapshot {
+                    stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some((li, ls)) = last.as_ref() {
+                    if li == inc {
+                        if seq <= *ls && ev.event != "upstream-error" {
+                            stats.dups.fetch_add(1, Ordering::Relaxed);
+                        } else if seq > ls + 1 && !snapshot {
+                            stats.gaps.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                *last = Some((inc.to_string(), seq));
+            }
+        }
+        if let Some(ts) = data["timestamp"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+        {
+            let sent = ts
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0);
+            let ms = received.saturating_sub(sent) / 1000;
+            let mut h = stats.fanout.lock().unwrap_or_else(|p| p.into_inner());
+            h[(ms as usize).min(FANOUT_BUCKETS - 1)] += 1;
+        }
+    }
+    // The source's own timestamp: a field of a snapshot, or the value of a `/ts` patch op.
+    let ts = payload["ts"].as_u64().or_else(|| {
+        payload
+            .as_array()?
+            .iter()
+            .find(|op| op["path"] == "/ts")
+            .and_then(|op| op["value"].as_u64())
+    });
+    if let Some(ts) = ts {
+        let tenths = received.saturating_sub(ts) / 100;
+        let mut h = stats.e2e.lock().unwrap_or_else(|p| p.into_inner());
+        h[(tenths as usize).min(E2E_BUCKETS - 1)] += 1;
+    }
+}
+
+#[derive(Default, Debug)]
+struct ParsedEvent {
+    id: Option<String>,
+    event: String,
+    data: String,
+}
+
+/// A minimal SSE parser: `id`, `event`, `data` lines, events ended by a blank line.
+#[derive(Default)]
+struct EventParser {
+    buf: Vec<u8>,
+    cur: ParsedEvent,
+    last_id: Option<String>,
+}
+
+impl EventParser {
+    fn feed(&mut self, chunk: &[u8]) -> Vec<ParsedEvent> {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        let mut start = 0;
+        while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&self.buf[start..start + nl])
+                .trim_end_matches('\r')
+                .to_string();
+            start += nl + 1;
+            if line.is_empty() {
+                if !self.cur.data.is_empty() {
+                    let mut ev = std::mem::take(&mut self.cur);
+                    ev.id = self.last_id.clone();
+                    out.push(ev);
+                }
+                self.cur = ParsedEvent::default();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !self.cur.data.is_empty() {
+                    self.cur.data.push('\n');
+                }
+                self.cur.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            } else if let Some(v) = line.strip_prefix("event:") {
+                self.cur.event = v.trim_start().to_string();
+            } else if let Some(v) = line.strip_prefix("id:") {
+                self.last_id = Some(v.trim_start().to_string());
+            }
+        }
+        self.buf.drain(..start);
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream, publisher, floor
+
+async fn upstream(listen: SocketAddr, rate: f64, size: usize) -> Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    eprintln!("bench upstream on http://{}", listener.local_addr()?);
+    let seq = Arc::new(AtomicU64::new(0));
+    let current = Arc::new(Mutex::new(Bytes::from(body(0, size))));
+    {
+        let (seq, current) = (seq.clone(), current.clone());
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+            loop {
+                t.tick().await;
+                let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
+                *current.lock().unwrap_or_else(|p| p.into_inner()) = Bytes::from(body(n, size));
+            }
+        });
+    }
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let current = current.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req: hyper::Request<Incoming>| {
+                let b = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                async move {
+                    let mut r = hyper::Response::new(Full::new(b));
+                    r.headers_mut().insert(
+                        "content-type",
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn publish(url: &str, topics: usize, rate: f64, size: usize, seconds: u64) -> Result<()> {
+    let client = reqwest::Client::new();
+    let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut seq = 0;
+    while Instant::now() < end {
+        t.tick().await;
+        seq += 1;
+        for n in 0..topics.max(1) {
+            let u = url.replace("{n}", &n.to_string());
+            if let Err(e) = client.post(&u).body(body(seq, size)).send().await {
+                eprintln!("publish {u}: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn floor(listen: SocketAddr, rate: f64, size: usize) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind(listen).await?;
+    eprintln!("floor server on http://{}", listener.local_addr()?);
+    let (tx, _) = tokio::sync::broadcast::channel::<Bytes>(64);
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+            let mut seq = 0u64;
+            loop {
+                t.tick().await;
+                seq += 1;
+                // Pre-encoded once: an SSE event inside one HTTP/1.1 chunk.
+                let ev = format!("data: {}\n\n", body(seq, size));
+                let _ = tx.send(Bytes::from(format!("{:x}\r\n{ev}\r\n", ev.len())));
+            }
+        });
+    }
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        let mut rx = tx.subscribe();
+        tokio::spawn(async move {
+            let mut head = [0u8; 1024];
+            if s.read(&mut head).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let hdr = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n";
+            if s.write_all(hdr).await.is_err() {
+                return;
+            }
+            while let Ok(b) = rx.recv().await {
+                if s.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
