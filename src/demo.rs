@@ -17,7 +17,8 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-const PAGE: &str = include_str!("demo.html");
+/// The demo page (served at `/` by the demo API): live builds through `client.js`.
+pub const PAGE: &str = include_str!("demo.html");
 const NAMES: [&str; 5] = ["api", "web", "worker", "docs", "mobile"];
 const STEPS: [&str; 4] = ["checkout", "build", "test", "deploy"];
 

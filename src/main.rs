@@ -37,6 +37,13 @@ enum Command {
     Run,
     /// Validate the configuration and exit: 0 if valid, 64 with every problem listed if not.
     Check,
+    /// Ask a running herald to reload its config file (POST /reload on its admin listener); the
+    /// same as sending it SIGHUP. Exit 0 if reloaded, 64 if the new config was refused.
+    Reload {
+        /// The admin listener (default: `[admin] listen` of the config file).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
     /// Start a built-in demo API and herald in front of it.
     Demo {
         /// Where herald listens.
@@ -98,6 +105,19 @@ fn main() -> ExitCode {
             };
             report(runtime().and_then(|rt| rt.block_on(serve(config))))
         }
+        Command::Reload { admin } => {
+            let addr = match admin.map(Ok).unwrap_or_else(|| admin_addr(&cli.config)) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match runtime().and_then(|rt| rt.block_on(reload(addr))) {
+                Ok(code) => code,
+                Err(e) => report(Err(e)),
+            }
+        }
         Command::Demo {
             listen,
             upstream_listen,
@@ -116,6 +136,49 @@ fn load(path: &std::path::Path) -> Result<herald::Config, String> {
         herald::server::tls::load(tls).map_err(|e| e.to_string())?;
     }
     Ok(config)
+}
+
+/// Where the config file says the admin listener is.
+fn admin_addr(path: &std::path::Path) -> Result<SocketAddr, String> {
+    let config = herald::config::load(path).map_err(|e| {
+        format!("{e}\nherald reload: the config has problems; nothing was sent (herald keeps its running config; pass --admin ADDR to ask it anyway)")
+    })?;
+    config.admin.map(|a| a.listen).ok_or_else(|| {
+        format!(
+            "{}: no [admin] section: pass --admin ADDR, or send herald SIGHUP",
+            path.display()
+        )
+    })
+}
+
+/// `herald reload`: POST /reload and print what changed (or why the new config was refused).
+async fn reload(addr: SocketAddr) -> anyhow::Result<ExitCode> {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}/reload"))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .with_context(|| format!("asking herald's admin listener on {addr} to reload"))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.context("reading the reload answer")?;
+    let body: serde_json::Value =
+        serde_json::from_slice(&bytes).context("reading the reload answer")?;
+    if status.is_success() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&body).unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "herald refused the reload; it keeps running with its previous config:\n{}",
+        body["message"].as_str().unwrap_or_default()
+    );
+    Ok(if status == reqwest::StatusCode::UNPROCESSABLE_ENTITY {
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

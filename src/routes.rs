@@ -3,18 +3,23 @@
 //! built from the matched route alone: a parameter is exactly one safe path segment, and only
 //! allow-listed query parameters survive, so a client can neither traverse paths nor multiply polls.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::config::{self, Segment};
 
 /// Longest query string kept in a topic, after the allow-list is applied.
 const MAX_TOPIC_QUERY: usize = 2048;
 
-/// A streamable route with its position in the config (its stable id for this run).
+/// A streamable route and its id: its position in the config at startup; a route added or changed
+/// by a reload gets a new id, one never used before in this run (`LiveRoutes`).
 #[derive(Debug)]
 pub struct Route {
     pub index: usize,
     pub config: config::Route,
+    /// Set when a reload removed or changed this route: a stream that resolved it just before the
+    /// swap is ended at once instead of living on with the old settings (`Hub::subscribe`).
+    pub retired: AtomicBool,
 }
 
 /// The identity of one upstream resource as watched: same key, same poller and history.
@@ -24,7 +29,8 @@ pub struct TopicKey {
     pub route: usize,
     /// The upstream path and canonical query, e.g. `/api/builds/42?page=2`.
     pub resource: Arc<str>,
-    /// Hash of the credentials the topic is polled with (0 for a public topic).
+    /// Keyed hash of the credentials the topic is polled with, set by `auth` (0: a public topic,
+    /// or a client without credentials).
     pub vary: u64,
 }
 
@@ -35,6 +41,8 @@ pub enum RouteError {
     BadParam { name: String },
     #[error("query string too long for a stream (at most {MAX_TOPIC_QUERY} bytes of allowed parameters)")]
     QueryTooLong,
+    #[error("query parameter {name:?} is not accepted on this stream")]
+    UnknownQuery { name: String },
 }
 
 #[derive(Debug, Default)]
@@ -52,14 +60,16 @@ impl RouteTable {
                     Arc::new(Route {
                         index,
                         config: r.clone(),
+                        retired: AtomicBool::new(false),
                     })
                 })
                 .collect(),
         }
     }
 
+    /// The route with this id.
     pub fn get(&self, index: usize) -> Option<&Arc<Route>> {
-        self.routes.get(index)
+        self.routes.iter().find(|r| r.index == index)
     }
 
     pub fn len(&self) -> usize {
@@ -80,7 +90,15 @@ impl RouteTable {
         for route in &self.routes {
             if let Some(result) = match_template(&route.config.template, path) {
                 result?;
-                let resource = build_resource(path, query, &route.config.query)?;
+                let reject = route.config.unknown_query == config::UnknownQuery::Reject;
+                // The route's access-token parameter is a credential (read by `auth`), never
+                // part of a topic, and never an "unknown" parameter.
+                let stripped = match (&route.config.auth.access_token, query) {
+                    (Some(param), Some(q)) => Some(without_param(q, param)),
+                    _ => None,
+                };
+                let query = stripped.as_deref().or(query);
+                let resource = build_resource(path, query, &route.config.query, reject)?;
                 let key = TopicKey {
                     route: route.index,
                     resource: resource.into(),
@@ -90,6 +108,68 @@ impl RouteTable {
             }
         }
         Ok(None)
+    }
+}
+
+impl RouteTable {
+    /// A table of routes already made (a reload keeps the `Arc`s, and so the ids, of unchanged
+    /// routes), in match order.
+    pub fn from_routes(routes: Vec<Arc<Route>>) -> RouteTable {
+        RouteTable { routes }
+    }
+
+    /// The routes in match order.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}
+
+/// The route table in force: swapped whole by a config reload, read as one snapshot per request,
+/// so a request sees either the old table or the new one, never a mix.
+#[derive(Debug)]
+pub struct LiveRoutes {
+    current: RwLock<Arc<RouteTable>>,
+    /// The next unused route id.
+    next_id: AtomicUsize,
+}
+
+impl LiveRoutes {
+    pub fn new(table: RouteTable) -> LiveRoutes {
+        let next = table.routes.iter().map(|r| r.index + 1).max().unwrap_or(0);
+        LiveRoutes {
+            current: RwLock::new(Arc::new(table)),
+            next_id: AtomicUsize::new(next),
+        }
+    }
+
+    /// The table in force now.
+    pub fn current(&self) -> Arc<RouteTable> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// [`RouteTable::resolve`] on the table in force.
+    pub fn resolve(
+        &self,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<Option<(Arc<Route>, TopicKey)>, RouteError> {
+        self.current().resolve(path, query)
+    }
+
+    /// A route id never used before in this run.
+    pub fn next_id(&self) -> usize {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Put `table` in force; returns the one it replaces.
+    pub fn replace(&self, table: RouteTable) -> Arc<RouteTable> {
+        std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(PoisonError::into_inner),
+            Arc::new(table),
+        )
     }
 }
 
@@ -150,20 +230,43 @@ pub(crate) fn percent_decode(raw: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// `query` without any `param=…` pair (matched by decoded name): for the access-token parameter,
+/// which must not reach topics, upstream URLs or logs.
+pub fn without_param(query: &str, param: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split('=').next().unwrap_or(pair);
+            percent_decode(&name.replace('+', " ")).as_deref() != Some(param.as_bytes())
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// The upstream path plus the allowed query parameters, sorted by name so that
 /// `?a=1&b=2` and `?b=2&a=1` are one topic.
 fn build_resource(
     path: &str,
     query: Option<&str>,
     allowed: &[String],
+    reject_unknown: bool,
 ) -> Result<String, RouteError> {
     let mut kept: Vec<(&str, &str)> = Vec::new();
     if let Some(q) = query {
         for pair in q.split('&').filter(|p| !p.is_empty()) {
             let name = pair.split('=').next().unwrap_or(pair);
             let decoded = percent_decode(&name.replace('+', " "));
-            if decoded.is_some_and(|d| allowed.iter().any(|a| a.as_bytes() == d.as_slice())) {
+            if decoded
+                .as_ref()
+                .is_some_and(|d| allowed.iter().any(|a| a.as_bytes() == d.as_slice()))
+            {
                 kept.push((name, pair));
+            } else if reject_unknown {
+                let name = String::from_utf8_lossy(&decoded.unwrap_or_default())
+                    .chars()
+                    .take(64)
+                    .collect();
+                return Err(RouteError::UnknownQuery { name });
             }
         }
     }
@@ -195,6 +298,10 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 query: query.iter().map(|s| s.to_string()).collect(),
                 max_body: 1024,
+                min_interval: Duration::ZERO,
+                unknown_query: config::UnknownQuery::Drop,
+                max_topics: 10,
+                auth: Default::default(),
             })
             .collect();
         RouteTable::new(&routes)
@@ -250,6 +357,16 @@ mod tests {
         assert_eq!(&*a.resource, "/api/builds?page=2&state=ok");
         let (_, c) = t.resolve("/api/builds", Some("x=1")).unwrap().unwrap();
         assert_eq!(&*c.resource, "/api/builds");
+        let mut strict = table(&["/api/builds"], &["page"]);
+        Arc::get_mut(&mut strict.routes[0])
+            .unwrap()
+            .config
+            .unknown_query = config::UnknownQuery::Reject;
+        assert!(strict.resolve("/api/builds", Some("page=1")).is_ok());
+        assert!(matches!(
+            strict.resolve("/api/builds", Some("page=1&cb=2")),
+            Err(RouteError::UnknownQuery { name }) if name == "cb"
+        ));
         let long = format!("page={}", "a".repeat(5000));
         assert!(matches!(
             t.resolve("/api/builds", Some(&long)),

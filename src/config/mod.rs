@@ -1,6 +1,7 @@
 //! Configuration: `proxy.toml` is read, parsed (`model`) and checked (`validate`) before any port
 //! is bound. Errors name the file, line and key of every problem and say what was expected.
 
+pub mod auth;
 pub mod model;
 mod validate;
 
@@ -10,7 +11,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use model::{CorsPassThrough, DiffMode, PathTemplate, Segment};
+pub use model::{CorsPassThrough, DiffMode, PathTemplate, Segment, UnknownQuery};
 
 /// A validated configuration. Everything in it has been checked; nothing here can fail later.
 #[derive(Debug, Clone)]
@@ -26,7 +27,26 @@ pub struct Config {
     pub compression: Compression,
     /// None: no `[cors]` section, no CORS headers from herald.
     pub cors: Option<Cors>,
+    pub mux: Mux,
+    /// None: no `[admin]` section, no admin listener.
+    pub admin: Option<Admin>,
     pub routes: Vec<Route>,
+}
+
+/// `[admin]`: metrics, health, status page and reload, on their own listener (`admin`).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+/// `[mux]`: the multiplexed stream and the browser client (see `server::mux`).
+#[derive(Debug, Clone)]
+pub struct Mux {
+    /// None: no multiplexed stream.
+    pub path: Option<String>,
+    pub max_watches: usize,
+    /// None: `client.js` is not served.
+    pub client: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +54,8 @@ pub struct Server {
     pub max_connections: usize,
     pub drain_timeout: Duration,
     pub max_header_bytes: usize,
+    pub max_new_streams_per_sec: u32,
+    pub max_streams_per_ip: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +66,7 @@ pub struct Sse {
     pub history: usize,
     pub history_bytes: usize,
     pub grace: Duration,
+    pub slow_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +123,11 @@ pub struct Route {
     pub timeout: Duration,
     pub query: Vec<String>,
     pub max_body: usize,
+    pub min_interval: Duration,
+    pub unknown_query: UnknownQuery,
+    pub max_topics: usize,
+    /// Who shares its topics, which credentials follow the client, checks, JWT.
+    pub auth: auth::RouteAuth,
 }
 
 /// One thing wrong in the file, located by byte span (rendered as line and column).
@@ -213,7 +241,8 @@ fn locate(text: &str, name: &str, problems: Vec<Problem>) -> ConfigError {
                 line,
                 column,
                 key,
-                message: p.message,
+                // One problem per line: parser messages may span several.
+                message: p.message.trim().replace('\n', "; "),
             }
         })
         .collect();

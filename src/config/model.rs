@@ -32,8 +32,49 @@ pub struct File {
     pub compression: CompressionSection,
     #[serde(default)]
     pub cors: Option<CorsSection>,
+    #[serde(default)]
+    pub mux: MuxSection,
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
     #[serde(default, rename = "route")]
     pub routes: Vec<Spanned<RouteSection>>,
+}
+
+/// The admin listener: `/metrics`, `/healthz`, `/readyz`, the status page and `POST /reload`.
+/// Without this section there is no admin listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Its own address, apart from the public one; keep it private (loopback or a pod port).
+    #[serde(default = "default_admin_listen")]
+    pub listen: Spanned<SocketAddr>,
+}
+
+fn default_admin_listen() -> Spanned<SocketAddr> {
+    Spanned::new(0..0, SocketAddr::from(([127, 0, 0, 1], 9090)))
+}
+
+/// The multiplexed stream (one connection watching many resources) and the browser client.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MuxSection {
+    /// Where the multiplexed stream is served (`GET <path>?watch=/a&watch=/b`); its watch
+    /// control API lives under it (`POST <path>/{token}/watch`). `""` turns it off.
+    pub path: Spanned<String>,
+    /// Watches one multiplexed stream may hold at once.
+    pub max_watches: Spanned<usize>,
+    /// Where herald serves its browser client (`client.js`). `""` turns it off.
+    pub client: Spanned<String>,
+}
+
+impl Default for MuxSection {
+    fn default() -> Self {
+        MuxSection {
+            path: Spanned::new(0..0, "/_herald/stream".into()),
+            max_watches: Spanned::new(0..0, 64),
+            client: Spanned::new(0..0, "/_herald/client.js".into()),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +86,11 @@ pub struct ServerSection {
     pub drain_timeout: HumanDuration,
     /// Largest request head (request line + headers) accepted, in bytes.
     pub max_header_bytes: ByteSize,
+    /// New streams accepted per second (all clients together); beyond it, 503 + Retry-After.
+    /// Spreads a reconnect storm instead of letting it land at once. 0: no limit.
+    pub max_new_streams_per_sec: u32,
+    /// Open streams per client IP address; beyond it, 429. 0: no limit.
+    pub max_streams_per_ip: u32,
 }
 
 impl Default for ServerSection {
@@ -53,6 +99,8 @@ impl Default for ServerSection {
             max_connections: 20_000,
             drain_timeout: HumanDuration(Duration::from_secs(10)),
             max_header_bytes: ByteSize(64 * 1024),
+            max_new_streams_per_sec: 2_000,
+            max_streams_per_ip: 1_000,
         }
     }
 }
@@ -72,6 +120,9 @@ pub struct SseSection {
     pub history_bytes: ByteSize,
     /// How long a topic's poller keeps running after its last watcher left.
     pub grace: HumanDuration,
+    /// A client that has had events waiting this long without reading is disconnected with a
+    /// final `error` event (`slow-consumer`). Slower readers are conflated, not cut.
+    pub slow_timeout: Spanned<HumanDuration>,
 }
 
 impl Default for SseSection {
@@ -83,6 +134,7 @@ impl Default for SseSection {
             history: 1000,
             history_bytes: ByteSize(1024 * 1024),
             grace: HumanDuration(Duration::from_secs(5)),
+            slow_timeout: Spanned::new(0..0, HumanDuration(Duration::from_secs(30))),
         }
     }
 }
@@ -197,6 +249,48 @@ pub struct RouteSection {
     /// Largest upstream body accepted for this route.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
+    /// Changes closer together than this are coalesced into one event per window (the newest
+    /// state wins). Default: no coalescing beyond the poll interval.
+    #[serde(default)]
+    pub min_interval: Option<HumanDuration>,
+    /// What to do with query parameters not listed in `query`: drop them (the default) or refuse
+    /// the stream with 400.
+    #[serde(default)]
+    pub unknown_query: UnknownQuery,
+    /// Distinct resources (topics) of this route streamed at once; a stream that would add one
+    /// more gets 429.
+    #[serde(default = "default_max_topics")]
+    pub max_topics: usize,
+    /// Who shares a topic: `"credential"` (default: one topic per credential) or `"all"`.
+    #[serde(default)]
+    pub share: Option<Spanned<super::auth::Share>>,
+    /// Credential sources a topic varies by (and that are forwarded); default cookie + authorization.
+    #[serde(default)]
+    pub vary: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Query parameter accepted as a bearer token; stripped from topics and logs.
+    #[serde(default)]
+    pub access_token: Option<Spanned<String>>,
+    /// Upstream authorization check on connect: `{ url = "/api/x/{id}/access", cache = "10s" }`.
+    #[serde(default)]
+    pub auth: Option<Spanned<super::auth::AuthSection>>,
+    /// How often an open stream's `auth` check runs again (default 60s with `auth`).
+    #[serde(default)]
+    pub reauth: Option<Spanned<HumanDuration>>,
+    /// Local JWT verification: `{ alg = "RS256", key = "pub.pem", claim = "sub" }`.
+    #[serde(default)]
+    pub jwt: Option<Spanned<super::auth::JwtSection>>,
+}
+
+fn default_max_topics() -> usize {
+    10_000
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownQuery {
+    #[default]
+    Drop,
+    Reject,
 }
 
 fn default_interval() -> Spanned<HumanDuration> {

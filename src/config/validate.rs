@@ -31,6 +31,14 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             format!("must be at least {MIN_HEARTBEAT:?}, got {heartbeat:?}"),
         );
     }
+    let slow_timeout = file.sse.slow_timeout.get_ref().0;
+    if slow_timeout < Duration::from_secs(1) {
+        push(
+            file.sse.slow_timeout.span(),
+            "sse.slow_timeout",
+            format!("must be at least 1s, got {slow_timeout:?}"),
+        );
+    }
     if file.server.max_connections == 0 {
         push(0..0, "server.max_connections", "must be at least 1".into());
     }
@@ -77,6 +85,13 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
                 .max(Duration::from_secs(1))
                 .min(Duration::from_secs(30)),
         };
+        if r.max_topics == 0 {
+            push(
+                route_span.clone(),
+                &format!("{label} max_topics"),
+                "must be at least 1".into(),
+            );
+        }
         if let Some(k) = &r.array_key {
             if k.is_empty() {
                 push(
@@ -86,6 +101,21 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
                 );
             }
         }
+        let auth = super::auth::validate(
+            super::auth::Written {
+                route_span: route_span.clone(),
+                label: &label,
+                template: r.path.get_ref(),
+                query: &r.query,
+                share: r.share.as_ref(),
+                vary: r.vary.as_ref(),
+                access_token: r.access_token.as_ref(),
+                auth: r.auth.as_ref(),
+                reauth: r.reauth.as_ref(),
+                jwt: r.jwt.as_ref(),
+            },
+            &mut push,
+        );
         routes.push(Route {
             template: r.path.into_inner(),
             interval,
@@ -94,10 +124,22 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             timeout,
             query: r.query,
             max_body: usize::try_from(r.max_body.0).unwrap_or(usize::MAX),
+            min_interval: r.min_interval.map_or(Duration::ZERO, |d| d.0),
+            unknown_query: r.unknown_query,
+            max_topics: r.max_topics,
+            auth,
         });
     }
 
     let cors = file.cors.map(|c| validate_cors(c, &mut push));
+    let admin = file.admin.map(|a| {
+        let listen = *a.listen.get_ref();
+        if listen == file.listen && listen.port() != 0 {
+            push(a.listen.span(), "admin.listen", format!("{listen} is already the public listen address; give the admin listener its own port"));
+        }
+        super::Admin { listen }
+    });
+    let mux = validate_mux(&file.mux, &routes, &mut push);
     let compression = Compression {
         enabled: file.compression.enabled,
         min_size: file.compression.min_size.0,
@@ -120,6 +162,8 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             max_connections: file.server.max_connections,
             drain_timeout: file.server.drain_timeout.0,
             max_header_bytes: usize::try_from(file.server.max_header_bytes.0).unwrap_or(usize::MAX),
+            max_new_streams_per_sec: file.server.max_new_streams_per_sec,
+            max_streams_per_ip: file.server.max_streams_per_ip,
         },
         sse: Sse {
             heartbeat,
@@ -128,6 +172,7 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             history: file.sse.history,
             history_bytes: usize::try_from(file.sse.history_bytes.0).unwrap_or(usize::MAX),
             grace: file.sse.grace.0,
+            slow_timeout,
         },
         proxy: Proxy {
             connect_timeout: file.proxy.connect_timeout.0,
@@ -140,8 +185,79 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         }),
         compression,
         cors,
+        mux,
+        admin,
         routes,
     })
+}
+
+/// Most watches one multiplexed stream may be configured to hold: each costs a cursor in every
+/// event id of the stream, and ids travel in every reconnect header.
+const MAX_MUX_WATCHES: usize = 256;
+
+/// `[mux]`: each path is absolute, plain (no query, no parameters) and not a stream route's, so
+/// it cannot shadow an upstream resource by accident; `""` turns a feature off.
+fn validate_mux(
+    m: &model::MuxSection,
+    routes: &[Route],
+    push: &mut impl FnMut(Range<usize>, &str, String),
+) -> super::Mux {
+    let mut check = |v: &toml::Spanned<String>, key: &str| -> Option<String> {
+        let p = v.get_ref().trim();
+        if p.is_empty() {
+            return None;
+        }
+        let shadowed = routes.iter().find(|r| {
+            r.template.segments.len() == p.split('/').count() - 1
+                && r.template
+                    .segments
+                    .iter()
+                    .zip(p.split('/').skip(1))
+                    .all(|(seg, part)| match seg {
+                        model::Segment::Literal(l) => l == part,
+                        model::Segment::Param(_) => true,
+                    })
+        });
+        if !p.starts_with('/') || p.contains(['?', '#', '{', '}', ' ']) || p.ends_with('/') {
+            push(
+                v.span(),
+                key,
+                format!("invalid path {p:?}: expected an absolute path like \"/_herald/stream\", without query or trailing '/' (or \"\" to turn it off)"),
+            );
+        } else if let Some(r) = shadowed {
+            push(
+                v.span(),
+                key,
+                format!(
+                    "{p:?} is also matched by route {:?}; pick a path no route matches",
+                    r.template.source
+                ),
+            );
+        }
+        Some(p.to_string())
+    };
+    let path = check(&m.path, "mux.path");
+    let client = check(&m.client, "mux.client");
+    if path.is_some() && path == client {
+        push(
+            m.client.span(),
+            "mux.client",
+            "must differ from mux.path".into(),
+        );
+    }
+    let max_watches = *m.max_watches.get_ref();
+    if !(1..=MAX_MUX_WATCHES).contains(&max_watches) {
+        push(
+            m.max_watches.span(),
+            "mux.max_watches",
+            format!("must be between 1 and {MAX_MUX_WATCHES}, got {max_watches}"),
+        );
+    }
+    super::Mux {
+        path,
+        max_watches,
+        client,
+    }
 }
 
 /// `[cors]`: each origin must be `*` or a bare origin, and `*` may not go with credentials

@@ -6,6 +6,7 @@ pub mod history;
 pub mod topic;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -16,12 +17,25 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::admin::metrics::{Metrics, RouteMetrics};
 use crate::config;
 use crate::diff;
 use crate::routes::{Route, TopicKey};
 use crate::upstream::{PollSpec, Sink, Upstream};
 
-pub use topic::{parse_event_id, Cursor, Delivery, StopReason, Topic, WatchSlot};
+pub use topic::{clock_ms, parse_event_id, Cursor, Delivery, StopReason, Topic, WatchSlot};
+
+/// How long a slow consumer gets to send its final `error` event before its connection is closed.
+const SLOW_KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Why a watcher could not join a topic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// The route already has its maximum number of live topics (`max_topics`): a client asking
+    /// for yet another distinct resource would add an upstream poll.
+    #[error("this route already streams {max} distinct resources; try again later")]
+    TooManyTopics { max: usize },
+}
 
 /// The kinds of event a stream carries (the SSE `event:` name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +64,10 @@ pub struct Event {
     pub kind: EventKind,
     /// `{"type":…,"topic":…,"timestamp":…,"data":…}`
     pub envelope: Bytes,
-    encoded: [OnceLock<Encoded>; 2],
+    /// When the event was made (for a live change: when the upstream's new state was seen), for
+    /// the change-to-delivery latency metric.
+    pub made: std::time::Instant,
+    encoded: [OnceLock<Encoded>; 3],
 }
 
 /// One cached wire encoding of an event.
@@ -82,6 +99,8 @@ impl Encoded {
 pub enum Encoding {
     Identity = 0,
     Gzip = 1,
+    /// gzip of the event without its `id:` line (multiplexed streams write their own id).
+    GzipBare = 2,
 }
 
 impl Event {
@@ -92,6 +111,7 @@ impl Event {
             kind,
             envelope,
             encoded: Default::default(),
+            made: std::time::Instant::now(),
         }
     }
 
@@ -117,6 +137,11 @@ pub struct TopicSettings {
     pub history: usize,
     pub history_bytes: usize,
     pub grace: Duration,
+    /// The route's metric handles, resolved once (`admin::metrics`).
+    pub metrics: Arc<RouteMetrics>,
+    /// Topics are per credential (not `share = "all"`): an upstream 401/403 refuses every
+    /// watcher's credentials and ends their streams (`Topic::refused`).
+    pub per_credential: bool,
 }
 
 /// A watcher's hold on a topic; dropping it leaves the topic.
@@ -138,11 +163,16 @@ pub struct Hub {
 
 struct Inner {
     topics: Mutex<HashMap<TopicKey, Arc<Topic>>>,
-    /// Settings per route index, built once from the config.
-    settings: Vec<Arc<TopicSettings>>,
+    /// `[sse]` as at startup: what every route's topics share (`route_settings`).
+    sse: config::Sse,
+    metrics: Arc<Metrics>,
     upstream: Upstream,
     heartbeat: Duration,
     grace: Duration,
+    /// A watcher with events pending this long is a slow consumer.
+    slow_timeout: Duration,
+    /// Watchers stopped as slow consumers since start.
+    slow_consumers: AtomicU64,
     /// Parent of every poller's token.
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -154,32 +184,17 @@ impl Hub {
         upstream: Upstream,
         cancel: CancellationToken,
         tracker: TaskTracker,
+        metrics: Arc<Metrics>,
     ) -> Hub {
-        let settings = config
-            .routes
-            .iter()
-            .map(|r| {
-                Arc::new(TopicSettings {
-                    diff_mode: match r.diff {
-                        config::DiffMode::JsonPatch => diff::Mode::JsonPatch,
-                        config::DiffMode::MergePatch => diff::Mode::MergePatch,
-                        config::DiffMode::Snapshot => diff::Mode::Snapshot,
-                    },
-                    diff_options: diff::Options {
-                        array_key: r.array_key.clone(),
-                    },
-                    history: config.sse.history,
-                    history_bytes: config.sse.history_bytes,
-                    grace: config.sse.grace,
-                })
-            })
-            .collect();
         Hub {
             inner: Arc::new(Inner {
                 topics: Mutex::new(HashMap::new()),
-                settings,
+                sse: config.sse.clone(),
+                metrics,
                 upstream,
                 heartbeat: config.sse.heartbeat,
+                slow_timeout: config.sse.slow_timeout,
+                slow_consumers: AtomicU64::new(0),
                 grace: config.sse.grace,
                 cancel,
                 tracker,
@@ -199,17 +214,23 @@ impl Hub {
         key: TopicKey,
         headers: HeaderMap,
         slot: Arc<WatchSlot>,
-    ) -> Subscription {
+    ) -> Result<Subscription, SubscribeError> {
         let mut topics = self.topics();
+        crate::admin::reload::check_retired(route, &slot);
         if let Some(topic) = topics.get(&key) {
             if topic.add_watcher(&slot) {
-                return Subscription {
+                return Ok(Subscription {
                     topic: topic.clone(),
                     slot,
-                };
+                });
             }
         }
-        let settings = self.inner.settings[route.index].clone();
+        // Counting on creation only (not per watcher) keeps the common path O(1).
+        let max = route.config.max_topics;
+        if topics.keys().filter(|k| k.route == route.index).count() >= max {
+            return Err(SubscribeError::TooManyTopics { max });
+        }
+        let settings = self.route_settings(route);
         let cancel = self.inner.cancel.child_token();
         let topic = Arc::new(Topic::new(key.clone(), settings, cancel.clone()));
         topic.add_watcher(&slot);
@@ -224,20 +245,22 @@ impl Hub {
                     topic.deliver(crate::upstream::Outcome::Failed(
                         crate::upstream::FetchError::Other,
                     ));
-                    return Subscription { topic, slot };
+                    return Ok(Subscription { topic, slot });
                 }
             },
             label: key.resource.clone(),
             interval: route.config.interval,
             timeout: route.config.timeout,
             max_body: route.config.max_body,
+            min_interval: route.config.min_interval,
+            metrics: topic.metrics().clone(),
             headers,
         };
         debug!(topic = %key.resource, incarnation = topic.incarnation, "topic started");
         self.inner
             .upstream
             .spawn_poller(spec, topic.clone(), cancel, &self.inner.tracker);
-        Subscription { topic, slot }
+        Ok(Subscription { topic, slot })
     }
 
     /// Number of live topics.
@@ -282,7 +305,28 @@ impl Hub {
             if now.duration_since(last_sweep) >= sweep {
                 last_sweep = now;
                 self.expire_idle(now);
+                self.sweep_slow();
             }
+        }
+    }
+
+    /// Watchers stopped as slow consumers since start.
+    pub fn slow_consumers(&self) -> u64 {
+        self.inner.slow_consumers.load(Ordering::Relaxed)
+    }
+
+    /// Stop watchers that have had events pending for longer than `slow_timeout` (they cannot
+    /// keep up even with conflation); close the connections of those that cannot even be told.
+    pub fn sweep_slow(&self) {
+        let now = clock_ms();
+        let topics: Vec<Arc<Topic>> = self.topics().values().cloned().collect();
+        for t in topics {
+            t.for_each_watcher(|w| {
+                if w.check_slow(now, self.inner.slow_timeout, SLOW_KILL_GRACE) {
+                    self.inner.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(topic = %t.key.resource, "slow consumer: stream stopped");
+                }
+            });
         }
     }
 
@@ -298,5 +342,51 @@ impl Hub {
                 true
             }
         });
+    }
+}
+
+/// Reload support and inspection (`admin`): settings built per route, topics listed and retired.
+impl Hub {
+    /// What every topic of `route` shares; made when a topic is created (not per event), so a
+    /// route changed by a reload gets its new settings with its new id.
+    fn route_settings(&self, route: &Route) -> Arc<TopicSettings> {
+        let (r, sse) = (&route.config, &self.inner.sse);
+        Arc::new(TopicSettings {
+            diff_mode: match r.diff {
+                config::DiffMode::JsonPatch => diff::Mode::JsonPatch,
+                config::DiffMode::MergePatch => diff::Mode::MergePatch,
+                config::DiffMode::Snapshot => diff::Mode::Snapshot,
+            },
+            diff_options: diff::Options {
+                array_key: r.array_key.clone(),
+            },
+            history: sse.history,
+            history_bytes: sse.history_bytes,
+            grace: sse.grace,
+            metrics: self.inner.metrics.route(&r.template.source),
+            per_credential: r.auth.sharing != config::auth::Sharing::All,
+        })
+    }
+
+    /// Every live topic (for the status page).
+    pub fn topics_snapshot(&self) -> Vec<Arc<Topic>> {
+        self.topics().values().cloned().collect()
+    }
+
+    /// A reload removed or changed route `id`: end its streams (each sends a final `shutdown`
+    /// event, so clients reconnect and meet the new config) and stop its pollers. Returns how many
+    /// topics were closed.
+    pub fn retire_route(&self, id: usize) -> usize {
+        let mut topics = self.topics();
+        let before = topics.len();
+        topics.retain(|key, topic| {
+            if key.route != id {
+                return true;
+            }
+            topic.for_each_watcher(|w| w.stop(StopReason::Reconfigured));
+            topic.cancel.cancel();
+            false
+        });
+        before - topics.len()
     }
 }

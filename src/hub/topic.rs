@@ -2,9 +2,9 @@
 //! and the set of watchers to wake. The source task is the only writer; watchers read under a short
 //! lock and are never waited on, so a slow watcher cannot slow the topic.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
@@ -19,12 +19,20 @@ use crate::diff::{self, Change};
 use crate::routes::TopicKey;
 use crate::upstream::{Document, FetchError, Outcome, Sink};
 
-/// A watcher's registration in one or more topics: how to wake it, and why it must stop.
+/// A watcher's registration in one or more topics: how to wake it, why it must stop, and what the
+/// slow-consumer sweep needs to know about it.
 #[derive(Debug, Default)]
 pub struct WatchSlot {
     waker: AtomicWaker,
     /// 0 while healthy; otherwise a `StopReason` set by the hub.
     stop: AtomicU8,
+    /// When (on `clock_ms`) a publish woke this watcher and it has not drained since; 0 when it
+    /// has taken everything. The stream clears it each time it is polled, so a client that reads,
+    /// however slowly, keeps clearing it; one whose socket stays full never does.
+    pending_since: AtomicU64,
+    /// Closes the client's connection. For HTTP/1 a stream whose socket is full is not polled at
+    /// all, so it cannot end itself; the sweep uses this to drop the connection instead.
+    kill: Option<CancellationToken>,
 }
 
 /// Why the hub asks a watcher to end its stream.
@@ -32,15 +40,56 @@ pub struct WatchSlot {
 #[repr(u8)]
 pub enum StopReason {
     SlowConsumer = 1,
+    /// A config reload removed or changed the stream's route (`Hub::retire_route`).
+    Reconfigured = 2,
+    /// Access ended with a 401: the upstream refused the topic's credentials, a `reauth` check
+    /// said 401 (`auth`). The stream ends with `event: error` naming the status.
+    Unauthorized = 10,
+    /// Access ended with a 403 (upstream poll or `reauth` check).
+    Forbidden = 11,
+    /// The client's token (JWT `exp`) expired.
+    Expired = 12,
+}
+
+impl StopReason {
+    /// For a stop that ends access: the `error` code and HTTP status of the final event.
+    pub fn access_error(self) -> Option<(&'static str, u16)> {
+        match self {
+            StopReason::Unauthorized | StopReason::Expired => Some(("unauthorized", 401)),
+            StopReason::Forbidden => Some(("forbidden", 403)),
+            _ => None,
+        }
+    }
 }
 
 impl WatchSlot {
+    /// A slot whose connection the hub may close (HTTP/1 streams: one stream per connection).
+    pub fn with_kill(kill: CancellationToken) -> WatchSlot {
+        WatchSlot {
+            kill: Some(kill),
+            ..WatchSlot::default()
+        }
+    }
+
     pub fn register(&self, waker: &std::task::Waker) {
         self.waker.register(waker);
     }
 
     pub fn wake(&self) {
         self.waker.wake();
+    }
+
+    /// Wake for new events, noting when the watcher first had something pending.
+    fn notify(&self, now_ms: u64) {
+        let _ =
+            self.pending_since
+                .compare_exchange(0, now_ms, Ordering::Relaxed, Ordering::Relaxed);
+        self.waker.wake();
+    }
+
+    /// Called by the stream each time it is polled, before it looks for events.
+    pub fn polled(&self) {
+        self.pending_since.store(0, Ordering::Relaxed);
     }
 
     pub fn stop(&self, reason: StopReason) {
@@ -51,9 +100,44 @@ impl WatchSlot {
     pub fn stop_reason(&self) -> Option<StopReason> {
         match self.stop.load(Ordering::Acquire) {
             1 => Some(StopReason::SlowConsumer),
+            2 => Some(StopReason::Reconfigured),
+            10 => Some(StopReason::Unauthorized),
+            11 => Some(StopReason::Forbidden),
+            12 => Some(StopReason::Expired),
             _ => None,
         }
     }
+
+    /// Slow-consumer check, run by the hub's sweep: a watcher with events pending for longer than
+    /// `timeout` is asked to stop (it sends a final `error` event if it can still write); one
+    /// still stuck `grace` later has its connection closed. Returns true when first marked slow.
+    pub(super) fn check_slow(&self, now_ms: u64, timeout: Duration, grace: Duration) -> bool {
+        let since = self.pending_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return false;
+        }
+        let waited = Duration::from_millis(now_ms.saturating_sub(since));
+        if waited < timeout {
+            return false;
+        }
+        let first = self.stop_reason().is_none();
+        if first {
+            self.stop(StopReason::SlowConsumer);
+        }
+        if waited >= timeout + grace {
+            if let Some(kill) = &self.kill {
+                kill.cancel();
+            }
+        }
+        first
+    }
+}
+
+/// Milliseconds since the first call, never 0: a cheap shared clock for slot bookkeeping.
+pub fn clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
 }
 
 /// Where a watcher stands in a topic's sequence of events.
@@ -166,6 +250,23 @@ impl Topic {
 
     pub fn watcher_count(&self) -> usize {
         self.lock().watchers.len()
+    }
+
+    /// The route's metric handles (for the stream's one-line hook).
+    pub fn metrics(&self) -> &Arc<crate::admin::metrics::RouteMetrics> {
+        &self.settings.metrics
+    }
+
+    /// Watchers, newest seq, last change and upstream failure, read under one lock (status page).
+    pub fn info(&self) -> crate::admin::status::TopicInfo {
+        let st = self.lock();
+        crate::admin::status::TopicInfo::new(
+            self,
+            st.watchers.len(),
+            st.head,
+            st.changed_at,
+            st.failing.is_some(),
+        )
     }
 
     pub(super) fn for_each_watcher(&self, f: impl FnMut(&Arc<WatchSlot>)) {
@@ -291,8 +392,9 @@ impl Topic {
         let ev = Arc::new(self.make_event(seq, kind, at, data));
         st.head = seq;
         st.history.push(ev.clone());
+        let now = clock_ms();
         for w in &st.watchers {
-            w.wake();
+            w.notify(now);
         }
         ev
     }
@@ -306,8 +408,35 @@ impl Topic {
                     self.recovered(&mut st);
                 }
             }
+            // A per-credential topic's credentials were refused: see `refused`.
+            Outcome::Failed(FetchError::Status(s @ (401 | 403)))
+                if self.settings.per_credential =>
+            {
+                self.refused(s)
+            }
             Outcome::Failed(e) => self.failed(e),
         }
+    }
+
+    /// The upstream refused this topic's credentials, which every watcher presented: each one
+    /// ends with an `error` event, the cached state is dropped so nobody is shown it again, and
+    /// the topic closes (a new watcher starts a fresh topic whose first poll decides).
+    fn refused(&self, status: u16) {
+        let reason = if status == 401 {
+            StopReason::Unauthorized
+        } else {
+            StopReason::Forbidden
+        };
+        let mut st = self.lock();
+        st.closed = true;
+        st.doc = None;
+        st.snapshot = None;
+        for w in &st.watchers {
+            w.stop(reason);
+        }
+        drop(st);
+        self.cancel.cancel();
+        debug!(topic = %self.key.resource, status, "upstream refused the credentials");
     }
 
     fn changed(&self, new: Document) {

@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::tls::{self, Acceptor};
-use super::{router, App, ConnInfo};
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::{json_error, router, App, ConnInfo};
 
 /// What a connection task needs from its listener.
 pub(super) struct Conn {
@@ -30,8 +32,19 @@ pub(super) struct Conn {
     pub watcher: Watcher,
     /// Fires when shutdown begins: a handshake in progress is abandoned.
     pub shutdown: CancellationToken,
-    /// Held until the connection closes: counts against `max_connections`.
-    pub permit: OwnedSemaphorePermit,
+    /// Closes the connection at once: at the drain deadline, or when its stream is a slow
+    /// consumer that cannot even be polled.
+    pub kill: CancellationToken,
+    /// Held until the connection closes.
+    pub permit: Permit,
+}
+
+/// A connection's place in the connection budget.
+pub(super) enum Permit {
+    /// Counts against `max_connections`; served normally.
+    Serve(#[allow(dead_code)] OwnedSemaphorePermit),
+    /// Over the limit: every request is answered 503 and the connection closes.
+    Reject(#[allow(dead_code)] OwnedSemaphorePermit),
 }
 
 impl Conn {
@@ -45,26 +58,48 @@ impl Conn {
             builder,
             watcher,
             shutdown,
+            kill,
             permit,
         } = self;
+        let reject = matches!(permit, Permit::Reject(_));
+        app.metrics.count_if(reject, "max-connections");
         match tls {
             None => {
-                let info = ConnInfo { peer, tls: false };
-                serve_http(TokioIo::new(stream), info, app, &builder, watcher).await;
+                let info = ConnInfo {
+                    peer,
+                    tls: false,
+                    kill,
+                };
+                serve_http(
+                    TokioIo::new(app.metrics.track(stream, info.tls)),
+                    info,
+                    app,
+                    &builder,
+                    watcher,
+                    reject,
+                )
+                .await;
             }
             Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                // The TLS states (handshake, then the connection over a rustls stream) are boxed:
+                // inline they would make every connection's task ~5.9 KiB, plain ones included
+                // (a task is as large as its largest state); boxed, a plain one needs ~2 KiB.
+                let handshake = Box::pin(tokio::time::timeout(
+                    tls::HANDSHAKE_TIMEOUT,
+                    acceptor.accept(stream),
+                ));
                 let stream = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     r = handshake => match r {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             debug!(error = %e, "TLS handshake failed");
+                            app.metrics.reject("tls-handshake");
                             return;
                         }
                         Err(_) => {
                             debug!(timeout = ?tls::HANDSHAKE_TIMEOUT, "TLS handshake timed out");
+                            app.metrics.reject("tls-handshake-timeout");
                             return;
                         }
                     },
@@ -75,8 +110,20 @@ impl Conn {
                     .alpn_protocol()
                     .map(|p| String::from_utf8_lossy(p).into_owned());
                 debug!(alpn = alpn.as_deref().unwrap_or("none"), "TLS established");
-                let info = ConnInfo { peer, tls: true };
-                serve_http(TokioIo::new(stream), info, app, &builder, watcher).await;
+                let info = ConnInfo {
+                    peer,
+                    tls: true,
+                    kill,
+                };
+                Box::pin(serve_http(
+                    TokioIo::new(app.metrics.track(stream, info.tls)),
+                    info,
+                    app,
+                    &builder,
+                    watcher,
+                    reject,
+                ))
+                .await;
             }
         }
         drop(permit);
@@ -91,15 +138,46 @@ async fn serve_http<I>(
     app: Arc<App>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
+    reject: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let kill = info.kill.clone();
     let service = service_fn(move |req| {
         let app = app.clone();
-        async move { Ok::<_, std::convert::Infallible>(router::handle(app, req, info).await) }
+        let info = info.clone();
+        async move {
+            let resp = if reject {
+                over_capacity()
+            } else {
+                // Boxed: hyper's HTTP/1 dispatcher keeps a box the size of this future for the
+                // whole connection (1.4 KiB with the proxy path inline), idle streams included;
+                // boxed, that box is a pointer and the big future lives only while it runs.
+                Box::pin(router::handle(app, req, info)).await
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let conn = builder.serve_connection(io, service);
-    if let Err(e) = watcher.watch(conn).await {
-        debug!(error = %e, "connection ended with an error");
+    tokio::select! {
+        r = watcher.watch(conn) => {
+            if let Err(e) = r {
+                debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = kill.cancelled() => debug!("connection closed by herald"),
     }
+}
+
+/// The answer on a connection over `max_connections`.
+fn over_capacity() -> Response<super::ResponseBody> {
+    let mut resp = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "herald is at its connection limit; retry shortly",
+    );
+    let h = resp.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }

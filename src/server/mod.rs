@@ -2,9 +2,11 @@
 //! hyper-util's auto builder, over TLS where the listener has it, and drain them on shutdown. An
 //! error on one connection is logged in that connection's task and goes no further.
 
+pub mod admission;
 pub mod compress;
 mod conn;
 pub mod cors;
+pub mod mux;
 pub mod proxy;
 pub mod router;
 pub mod tls;
@@ -25,7 +27,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::routes::RouteTable;
+use crate::routes::LiveRoutes;
 use crate::upstream::Upstream;
 
 pub use router::ConnInfo;
@@ -36,11 +38,20 @@ pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxErr
 /// Everything a request handler reads; immutable once serving starts.
 pub struct App {
     pub config: Arc<Config>,
-    pub routes: RouteTable,
+    /// Swapped whole by a config reload (`admin::reload`).
+    pub routes: LiveRoutes,
     pub hub: Hub,
     pub upstream: Upstream,
     /// Cancelled when shutdown begins: every open stream sends its last event and ends.
     pub streams: CancellationToken,
+    /// Stream admission: new streams per second and open streams per client address.
+    pub admission: Arc<admission::Admission>,
+    /// Prometheus metrics (`admin::metrics`), shared with the hub and the admin listener.
+    pub metrics: Arc<crate::admin::metrics::Metrics>,
+    /// Live multiplexed streams by token, for their control requests (`mux`).
+    pub mux: Arc<crate::sse::mux::Registry>,
+    /// Credentials, sharing, access checks and revocation of streams (`crate::auth`).
+    pub auth: crate::auth::Auth,
 }
 
 /// A JSON error response: `{"error":"<code>","message":"…"}`.
@@ -123,10 +134,14 @@ impl Listener {
 pub async fn serve(listeners: Vec<Listener>, app: Arc<App>, shutdown: CancellationToken) {
     let builder = Arc::new(builder(&app.config));
     let graceful = GracefulShutdown::new();
-    let limit = Arc::new(Semaphore::new(app.config.server.max_connections));
+    let limits = Limits {
+        connections: Arc::new(Semaphore::new(app.config.server.max_connections)),
+        rejections: Arc::new(Semaphore::new(MAX_REJECTING)),
+        force_close: CancellationToken::new(),
+    };
     let loops = listeners
         .into_iter()
-        .map(|l| accept_loop(l, &app, &builder, &graceful, &limit, &shutdown));
+        .map(|l| accept_loop(l, &app, &builder, &graceful, &limits, &shutdown));
     futures_util::future::join_all(loops).await;
     info!("stopped accepting; draining");
     // Streams first: each sends its last event and ends, so their connections can close.
@@ -135,28 +150,38 @@ pub async fn serve(listeners: Vec<Listener>, app: Arc<App>, shutdown: Cancellati
     let deadline = app.config.server.drain_timeout;
     tokio::select! {
         _ = graceful.shutdown() => info!("all connections drained"),
-        _ = tokio::time::sleep(deadline) => warn!(?deadline, "drain deadline passed; closing remaining connections"),
+        _ = tokio::time::sleep(deadline) => {
+            warn!(?deadline, "drain deadline passed; closing remaining connections");
+            limits.force_close.cancel();
+        }
     }
 }
 
-/// Accept until `shutdown`; each connection (TLS handshake included) runs in its own task.
+/// Connections over `max_connections` are answered 503 by at most this many tasks at once;
+/// beyond that they are closed at once, so an overload cannot grow without bound.
+const MAX_REJECTING: usize = 1024;
+
+/// The connection budget shared by every listener.
+struct Limits {
+    connections: Arc<Semaphore>,
+    rejections: Arc<Semaphore>,
+    /// Parent of every connection's kill token: cancelled when the drain deadline passes.
+    force_close: CancellationToken,
+}
+
+/// Accept until `shutdown`; each connection (TLS handshake included) runs in its own task. Over
+/// `max_connections`, a connection is still accepted but only answered 503 with `Retry-After`, so
+/// clients learn to back off instead of hanging in the kernel backlog.
 async fn accept_loop(
     listener: Listener,
     app: &Arc<App>,
     builder: &Arc<auto::Builder<TokioExecutor>>,
     graceful: &GracefulShutdown,
-    limit: &Arc<Semaphore>,
+    limits: &Limits,
     shutdown: &CancellationToken,
 ) {
     let Listener { tcp, tls } = listener;
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = tcp.accept() => match r {
@@ -165,6 +190,19 @@ async fn accept_loop(
                     // EMFILE and friends: back off briefly instead of spinning.
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let permit = match limits.connections.clone().try_acquire_owned() {
+            Ok(p) => conn::Permit::Serve(p),
+            Err(_) => match limits.rejections.clone().try_acquire_owned() {
+                Ok(p) => {
+                    debug!(%peer, "over max_connections: answering 503");
+                    conn::Permit::Reject(p)
+                }
+                Err(_) => {
+                    debug!(%peer, "over max_connections: closing");
                     continue;
                 }
             },
@@ -179,6 +217,7 @@ async fn accept_loop(
             builder: builder.clone(),
             watcher: graceful.watcher(),
             shutdown: shutdown.clone(),
+            kill: limits.force_close.child_token(),
             permit,
         };
         tokio::spawn(conn.run().instrument(span));

@@ -10,18 +10,22 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::admission::Permitted;
 use super::{compress, cors, json_error, proxy, App, ResponseBody};
 use crate::config::CorsPassThrough;
 use crate::hub::{parse_event_id, WatchSlot};
 use crate::sse::{GzipStream, SseStream};
 
 /// Per-connection facts a request handler needs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// Closes this connection (used for slow HTTP/1 consumers, whose body hyper stops polling).
+    pub kill: CancellationToken,
 }
 
 pub async fn handle(
@@ -29,6 +33,10 @@ pub async fn handle(
     req: Request<Incoming>,
     conn: ConnInfo,
 ) -> Response<ResponseBody> {
+    // herald's own endpoints (multiplexed stream, its control API, client.js): never passed through.
+    if super::mux::owns(&app, req.uri().path()) {
+        return super::mux::handle(&app, req, &conn).await;
+    }
     let cors_cfg = app.config.cors.as_ref();
     if let Some(c) = cors_cfg.filter(|_| cors::is_preflight(req.method(), req.headers())) {
         // A preflight for a stream (GET on a stream route) is herald's to answer; others are the
@@ -45,7 +53,20 @@ pub async fn handle(
     let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
     if req.method() == Method::GET && accepts_event_stream(req.headers()) {
         let resp = match app.routes.resolve(req.uri().path(), req.uri().query()) {
-            Ok(Some((route, key))) => Some(open_stream(&app, &route, key, req.headers())),
+            // Access first (every connect, Last-Event-ID or not): the grant names the topic.
+            Ok(Some((route, key))) => Some(
+                match app
+                    .auth
+                    .authorize(&route, key, req.headers(), req.uri().query())
+                    .await
+                {
+                    Ok(grant) => open_stream(&app, &route, grant, &req, &conn),
+                    Err(denied) => {
+                        debug!(route = %route.config.template.source, error = %denied, "stream refused");
+                        json_error(denied.status(), denied.code(), &denied.to_string())
+                    }
+                },
+            ),
             Ok(None) => None,
             Err(e) => Some(json_error(
                 StatusCode::BAD_REQUEST,
@@ -80,16 +101,52 @@ pub async fn handle(
 fn open_stream(
     app: &App,
     route: &crate::routes::Route,
-    key: crate::routes::TopicKey,
-    headers: &HeaderMap,
+    grant: crate::auth::Grant,
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
 ) -> Response<ResponseBody> {
+    let headers = req.headers();
+    let permit = match app.admission.admit(conn.peer.ip()) {
+        Ok(p) => p,
+        Err(rejection) => {
+            debug!(peer = %conn.peer, %rejection, "stream refused");
+            app.metrics.reject("stream-admission");
+            return rejection.response();
+        }
+    };
     let last = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_event_id);
-    let slot = Arc::new(WatchSlot::default());
-    let sub = app.hub.subscribe(route, key, HeaderMap::new(), slot);
+    // An HTTP/1 connection carries this one stream, so a stuck reader can be cut by closing it;
+    // an HTTP/2 connection carries others that must not suffer for it.
+    let slot = Arc::new(if req.version() < http::Version::HTTP_2 {
+        WatchSlot::with_kill(conn.kill.clone())
+    } else {
+        WatchSlot::default()
+    });
+    let sub = match app
+        .hub
+        .subscribe(route, grant.key.clone(), grant.headers.clone(), slot)
+    {
+        Ok(sub) => {
+            app.auth.watch(&grant, &sub.slot);
+            sub
+        }
+        Err(e) => {
+            debug!(error = %e, "stream refused");
+            app.metrics.reject("too-many-topics");
+            return json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-topics",
+                &e.to_string(),
+            );
+        }
+    };
     let cursor = sub.topic.resume_cursor(last);
+    let stream_log = app
+        .metrics
+        .stream_opened(&sub, last.is_some(), cursor, &app.streams);
     debug!(topic = %sub.topic.key.resource, ?cursor, "stream opened");
     let sse = &app.config.sse;
     let jitter = |max: std::time::Duration| {
@@ -117,7 +174,8 @@ fn open_stream(
         body.map_err(|e| -> super::BoxError { Box::new(e) })
             .boxed_unsync()
     };
-    let mut resp = Response::new(body);
+    let body = stream_log.wrap(body);
+    let mut resp = Response::new(Permitted::new(body, permit).boxed_unsync());
     let h = resp.headers_mut();
     if gzip {
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));

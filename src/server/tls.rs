@@ -145,6 +145,16 @@ impl Acceptor {
     /// SIGHUP. The signal handler is installed before this returns, so a SIGHUP sent after it
     /// cannot kill the process. A failed reload is logged and the old certificate stays.
     pub fn watch(self, cancel: CancellationToken) -> impl std::future::Future<Output = ()> + Send {
+        self.watch_with(cancel, None)
+    }
+
+    /// [`Acceptor::watch`], also calling `on_hangup` on each SIGHUP (herald's config reload shares
+    /// this one signal listener).
+    pub fn watch_with(
+        self,
+        cancel: CancellationToken,
+        on_hangup: Option<OnHangup>,
+    ) -> impl std::future::Future<Output = ()> + Send {
         let mut hangup = if self.certs.files.is_some() {
             hangup_signal()
         } else {
@@ -163,6 +173,9 @@ impl Acceptor {
                     _ = ticker.tick() => false,
                     Some(()) = recv_hangup(&mut hangup) => true,
                 };
+                if let Some(f) = on_hangup.as_ref().filter(|_| forced) {
+                    f();
+                }
                 let me = self.clone();
                 // File reads may block (network file systems): keep them off the async workers.
                 let outcome = tokio::task::spawn_blocking(move || {
@@ -186,16 +199,26 @@ impl Acceptor {
     }
 }
 
-/// Without `[tls]` there is nothing to reload, but SIGHUP's default action would still kill the
-/// process (and `systemctl reload` sends it): take it and say so, until `cancel`.
-pub fn ignore_hangup(cancel: CancellationToken) -> impl std::future::Future<Output = ()> + Send {
+/// Called on SIGHUP besides the certificate reload: herald's config reload (`admin::reload`).
+pub type OnHangup = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// Without `[tls]` there is no certificate to reload, but SIGHUP's default action would still kill
+/// the process (and `systemctl reload` sends it): take it, call `on_hangup` (or say there is
+/// nothing to reload), until `cancel`.
+pub fn ignore_hangup(
+    cancel: CancellationToken,
+    on_hangup: Option<OnHangup>,
+) -> impl std::future::Future<Output = ()> + Send {
     let mut hangup = hangup_signal();
     async move {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = recv_hangup(&mut hangup) => match r {
-                    Some(()) => info!("SIGHUP: no [tls] to reload; the config is read at startup only"),
+                    Some(()) => match &on_hangup {
+                        Some(f) => f(),
+                        None => info!("SIGHUP: nothing to reload"),
+                    },
                     None => return,
                 },
             }

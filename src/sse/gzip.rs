@@ -22,7 +22,7 @@ use bytes::Bytes;
 use flate2::{Compress, Compression, FlushCompress};
 use http_body::{Body, Frame, SizeHint};
 
-use super::stream::{self, Item, SseStream, StreamClosed, HEARTBEAT};
+use super::stream::{self, Item, ItemSource, SseStream, StreamClosed, HEARTBEAT};
 use crate::hub::{Delivery, Encoded, Encoding, Event};
 
 /// RFC 1952 member header: magic, deflate, no flags, no mtime, no extra flags, OS unknown.
@@ -87,6 +87,12 @@ pub fn encode_event(ev: &Event) -> Encoded {
     block(&stream::identity(ev))
 }
 
+/// The gzip encoding of a hub event without its `id:` line (`stream::bare`), for multiplexed
+/// streams.
+pub fn encode_bare(ev: &Event) -> Encoded {
+    block(&stream::bare(ev))
+}
+
 /// `text` as a standalone block, with what a watcher needs to fold it into its trailer.
 fn block(text: &[u8]) -> Encoded {
     let mut out = Vec::new();
@@ -128,9 +134,9 @@ fn crc_shift(len: u64) -> u32 {
     p
 }
 
-/// An SSE stream with `Content-Encoding: gzip`.
-pub struct GzipStream {
-    inner: SseStream,
+/// An SSE stream (a single topic's, or a multiplexed one) with `Content-Encoding: gzip`.
+pub struct GzipStream<S = SseStream> {
+    inner: S,
     header_sent: bool,
     /// CRC-32 and length of all SSE text sent so far (the trailer's CRC and ISIZE): the only
     /// per-watcher compression state.
@@ -139,8 +145,8 @@ pub struct GzipStream {
     finished: bool,
 }
 
-impl GzipStream {
-    pub fn new(inner: SseStream) -> GzipStream {
+impl<S: ItemSource> GzipStream<S> {
+    pub fn new(inner: S) -> GzipStream<S> {
         GzipStream {
             inner,
             header_sent: false,
@@ -190,6 +196,14 @@ impl GzipStream {
                 }
             }
             Item::Events(Delivery::Nothing) => {}
+            Item::Bare(ev) => {
+                let enc = ev.encoded(Encoding::GzipBare, encode_bare);
+                self.fold(&enc);
+                if alone {
+                    return enc.bytes;
+                }
+                out.extend_from_slice(&enc.bytes);
+            }
             Item::Heartbeat => {
                 let hb = &*HEARTBEAT_BLOCK;
                 self.fold(hb);
@@ -221,7 +235,7 @@ impl GzipStream {
     }
 }
 
-impl Body for GzipStream {
+impl<S: ItemSource + Unpin> Body for GzipStream<S> {
     type Data = Bytes;
     type Error = StreamClosed;
 
@@ -250,7 +264,7 @@ impl Body for GzipStream {
                 Bytes::from(out)
             }
             Some(item) => {
-                let last = this.inner.is_end_stream();
+                let last = this.inner.is_done();
                 this.encode(item, last)
             }
         };

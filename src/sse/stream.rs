@@ -6,6 +6,7 @@
 //! per-client, to content codings (`sse::gzip`).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,6 +36,25 @@ pub enum Item {
     Own(Bytes),
     /// `HEARTBEAT`.
     Heartbeat,
+    /// One hub event without its `id:` line: a multiplexed stream (`sse::mux`) writes its own
+    /// id (a cursor per topic) as `Own` bytes just before. Shared and cached like `Events`.
+    Bare(Arc<Event>),
+}
+
+/// Something that yields `Item`s: what a content coding (`sse::gzip`) wraps.
+pub trait ItemSource {
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>>;
+    /// True once the last item has been yielded.
+    fn is_done(&self) -> bool;
+}
+
+impl ItemSource for SseStream {
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        SseStream::poll_item(self, cx)
+    }
+    fn is_done(&self) -> bool {
+        self.done
+    }
 }
 
 pub struct SseStream {
@@ -73,11 +93,20 @@ impl SseStream {
     }
 
     fn closing_event(&self, kind: &str, reason: &str, retry: Option<Duration>) -> Bytes {
+        self.closing_event_with(kind, serde_json::json!({ "reason": reason }), retry)
+    }
+
+    fn closing_event_with(
+        &self,
+        kind: &str,
+        data: serde_json::Value,
+        retry: Option<Duration>,
+    ) -> Bytes {
         let envelope = serde_json::json!({
             "type": kind,
             "topic": &*self.sub.topic.key.resource,
             "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "data": { "reason": reason },
+            "data": data,
         });
         let mut buf = BytesMut::new();
         if let Some(r) = retry {
@@ -99,14 +128,32 @@ impl SseStream {
         }
         // Registering before looking closes the race with a publish between look and register.
         self.sub.slot.register(cx.waker());
+        // Being polled at all means the client is taking bytes: it is not stuck.
+        self.sub.slot.polled();
         if let Some(p) = self.prelude.take() {
             self.last_write = Instant::now();
             return Poll::Ready(Some(Item::Own(p)));
         }
+        // Access ended (upstream 401/403, revoked, token expired): nothing more of the topic goes
+        // out, not even events already published, only the error naming the status.
+        if let Some((error, status)) = self
+            .sub
+            .slot
+            .stop_reason()
+            .and_then(StopReason::access_error)
+        {
+            self.done = true;
+            let data = serde_json::json!({ "error": error, "status": status });
+            return Poll::Ready(Some(Item::Own(
+                self.closing_event_with("error", data, None),
+            )));
+        }
+        let fresh = self.cursor == Cursor::Fresh;
         match self.sub.topic.next(&mut self.cursor) {
             Delivery::Nothing => {}
             events => {
                 self.last_write = Instant::now();
+                self.sub.topic.metrics().delivered(&events, fresh);
                 return Poll::Ready(Some(Item::Events(events)));
             }
         }
@@ -116,6 +163,15 @@ impl SseStream {
             return Poll::Ready(Some(Item::Own(self.closing_event(
                 "shutdown",
                 "herald is restarting",
+                retry,
+            ))));
+        }
+        if let Some(StopReason::Reconfigured) = self.sub.slot.stop_reason() {
+            self.done = true;
+            let retry = Some(self.shutdown_retry);
+            return Poll::Ready(Some(Item::Own(self.closing_event(
+                "shutdown",
+                "route reconfigured",
                 retry,
             ))));
         }
@@ -144,9 +200,24 @@ pub fn identity(ev: &Event) -> Bytes {
     .bytes
 }
 
+/// The SSE text of a hub event without its leading `id:` line: a view into the cached text, so
+/// no copy and no allocation.
+pub fn bare(ev: &Event) -> Bytes {
+    let text = identity(ev);
+    let line = 4 + ev.id.len() + 1;
+    let has_id = text.starts_with(b"id: ")
+        && text.get(4..line - 1) == Some(ev.id.as_bytes())
+        && text.get(line - 1) == Some(&b'\n');
+    if has_id {
+        text.slice(line..)
+    } else {
+        text
+    }
+}
+
 impl Item {
     /// The item as plain SSE text: shared bytes as cached, so a live event costs no allocation.
-    fn into_identity(self) -> Bytes {
+    pub(crate) fn into_identity(self) -> Bytes {
         match self {
             Item::Own(b) => b,
             Item::Heartbeat => Bytes::from_static(HEARTBEAT),
@@ -159,6 +230,7 @@ impl Item {
                 buf.freeze()
             }
             Item::Events(Delivery::Nothing) => Bytes::new(),
+            Item::Bare(ev) => bare(&ev),
         }
     }
 }

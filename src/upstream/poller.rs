@@ -30,6 +30,57 @@ pub struct PollSpec {
     pub max_body: usize,
     /// Extra request headers (credentials of the topic, when it varies by them).
     pub headers: HeaderMap,
+    /// Changes closer together than this are coalesced: one delivery per window, newest wins.
+    pub min_interval: Duration,
+    /// The route's metric handles: every poll is counted by status and timed.
+    pub metrics: Arc<crate::admin::metrics::RouteMetrics>,
+}
+
+/// Holds back changes that come faster than `window`, so watchers get at most one event per
+/// window per topic (the newest state: intermediate ones are superseded, never needed).
+struct Coalescer {
+    window: Duration,
+    last: Option<Instant>,
+    pending: Option<Outcome>,
+}
+
+impl Coalescer {
+    /// Deliver `outcome` now, or hold it if it is a change inside the current window.
+    fn offer(&mut self, outcome: Outcome, sink: &dyn Sink, now: Instant) {
+        match outcome {
+            Outcome::Changed(_) => {
+                if self.last.is_some_and(|t| now < t + self.window) {
+                    self.pending = Some(outcome);
+                } else {
+                    self.pending = None;
+                    self.last = Some(now);
+                    sink.deliver(outcome);
+                }
+            }
+            // The held change is newer news than "unchanged"; it goes out when the window ends.
+            Outcome::Unchanged if self.pending.is_some() => {}
+            other => {
+                // A failure follows whatever change was held, in order.
+                if let Some(p) = self.pending.take() {
+                    sink.deliver(p);
+                }
+                sink.deliver(other);
+            }
+        }
+    }
+
+    /// When the held change is due, if any.
+    fn due(&self) -> Option<Instant> {
+        self.pending.as_ref()?;
+        Some(self.last? + self.window)
+    }
+
+    fn flush(&mut self, sink: &dyn Sink, now: Instant) {
+        if let Some(p) = self.pending.take() {
+            self.last = Some(now);
+            sink.deliver(p);
+        }
+    }
 }
 
 /// Validators and fingerprint of the last good response.
@@ -52,10 +103,22 @@ pub(super) async fn run(
         let mut last = Last::default();
         let mut failures: u32 = 0;
         let mut next = Instant::now();
+        let mut coalesce = Coalescer {
+            window: spec.min_interval,
+            last: None,
+            pending: None,
+        };
         loop {
+            let wake = coalesce.due().map_or(next, |d| d.min(next));
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep_until(next) => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if coalesce.due().is_some_and(|d| d <= Instant::now()) {
+                coalesce.flush(&*sink, Instant::now());
+            }
+            if Instant::now() < next {
+                continue;
             }
             let started = Instant::now();
             let outcome = tokio::select! {
@@ -81,7 +144,7 @@ pub(super) async fn run(
                     jitter(spec.interval)
                 }
             };
-            sink.deliver(outcome);
+            coalesce.offer(outcome, &*sink, Instant::now());
             // Anchor on the start of the poll, so a slow answer does not stretch the period; never
             // schedule in the past (a poll that took longer than the interval runs again at once).
             next = (started + wait).max(Instant::now());
@@ -104,7 +167,7 @@ async fn poll_once(client: &reqwest::Client, spec: &PollSpec, last: &mut Last) -
     if let Some(lm) = &last.last_modified {
         req = req.header(IF_MODIFIED_SINCE, lm.clone());
     }
-    let resp = match req.send().await {
+    let resp = match spec.metrics.time_upstream(req.send()).await {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(classify(&e, spec.timeout)),
     };
@@ -211,6 +274,66 @@ mod tests {
         }
         let long = Duration::from_secs(60);
         assert_eq!(backoff(long, 5), long);
+    }
+
+    /// Records what reaches the sink, for the coalescing tests.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<String>>);
+
+    impl Sink for Recorder {
+        fn deliver(&self, outcome: Outcome) {
+            let s = match outcome {
+                Outcome::Changed(super::super::Document::Json(v)) => v.to_string(),
+                Outcome::Changed(_) => "text".into(),
+                Outcome::Unchanged => "unchanged".into(),
+                Outcome::Failed(e) => format!("failed:{}", e.code()),
+            };
+            self.0.lock().unwrap().push(s);
+        }
+    }
+
+    fn changed(n: u64) -> Outcome {
+        Outcome::Changed(super::super::Document::Json(serde_json::json!(n)))
+    }
+
+    #[test]
+    fn coalescer_holds_changes_inside_the_window_and_keeps_the_newest() {
+        let sink = Recorder::default();
+        let mut c = Coalescer {
+            window: Duration::from_millis(100),
+            last: None,
+            pending: None,
+        };
+        let t0 = Instant::now();
+        c.offer(changed(1), &sink, t0);
+        c.offer(changed(2), &sink, t0 + Duration::from_millis(10));
+        c.offer(Outcome::Unchanged, &sink, t0 + Duration::from_millis(20));
+        c.offer(changed(3), &sink, t0 + Duration::from_millis(30));
+        assert_eq!(c.due(), Some(t0 + Duration::from_millis(100)));
+        c.flush(&sink, t0 + Duration::from_millis(100));
+        assert_eq!(c.due(), None);
+        // A failure flushes a held change first, so order is kept.
+        c.offer(changed(4), &sink, t0 + Duration::from_millis(120));
+        c.offer(
+            Outcome::Failed(FetchError::Connect),
+            &sink,
+            t0 + Duration::from_millis(130),
+        );
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            ["1", "3", "4", "failed:unreachable"]
+        );
+        // Zero window: everything passes straight through.
+        let sink = Recorder::default();
+        let mut c = Coalescer {
+            window: Duration::ZERO,
+            last: None,
+            pending: None,
+        };
+        for n in 0..5 {
+            c.offer(changed(n), &sink, t0);
+        }
+        assert_eq!(sink.0.lock().unwrap().len(), 5);
     }
 
     #[test]

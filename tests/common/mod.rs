@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod admin;
 pub mod h2;
 pub mod tls;
 
@@ -84,7 +85,20 @@ pub struct Seen {
 #[derive(Default)]
 struct UpstreamState {
     replies: HashMap<String, Reply>,
+    /// Per-user answers: (path, credential) → reply; see `TestUpstream::set_for`.
+    by_credential: HashMap<(String, String), Reply>,
     seen: Vec<Seen>,
+}
+
+/// The credential a request presents, as `set_for` keys it: its `Authorization` header, else
+/// its `Cookie` header, else "".
+pub fn credential_of(headers: &HeaderMap) -> String {
+    headers
+        .get("authorization")
+        .or_else(|| headers.get("cookie"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
 }
 
 /// A real HTTP/1.1 upstream on 127.0.0.1:0 whose answers the test sets per path.
@@ -129,6 +143,30 @@ impl TestUpstream {
             .unwrap()
             .replies
             .insert(path.to_string(), reply);
+    }
+
+    /// Answer `path` with `reply` for requests presenting `credential` (their `Authorization`
+    /// header, else their `Cookie` header; see `credential_of`). Once a path has such answers,
+    /// requests with any other credential (or none) get 401.
+    pub fn set_for(&self, path: &str, credential: &str, reply: Reply) {
+        self.state
+            .lock()
+            .unwrap()
+            .by_credential
+            .insert((path.to_string(), credential.to_string()), reply);
+    }
+
+    /// Requests seen for `path` (exact path and query) presenting `credential`.
+    pub fn hits_by(&self, path_and_query: &str, credential: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .seen
+            .iter()
+            .filter(|s| {
+                s.path_and_query == path_and_query && credential_of(&s.headers) == credential
+            })
+            .count()
     }
 
     pub fn set_json(&self, path: &str, v: serde_json::Value) {
@@ -212,10 +250,22 @@ async fn handle(
             body: body.clone(),
             version: parts.version,
         });
-        st.replies
-            .get(&pq)
-            .or_else(|| st.replies.get(parts.uri.path()))
-            .cloned()
+        let path = parts.uri.path().to_string();
+        if st.by_credential.keys().any(|(p, _)| *p == path) {
+            // A per-user path: known credentials get their own answer, anyone else a 401.
+            let cred = credential_of(&parts.headers);
+            Some(
+                st.by_credential
+                    .get(&(path, cred))
+                    .cloned()
+                    .unwrap_or_else(|| Reply::status(401, r#"{"error":"unauthorized"}"#)),
+            )
+        } else {
+            st.replies
+                .get(&pq)
+                .or_else(|| st.replies.get(parts.uri.path()))
+                .cloned()
+        }
     };
     let reply = match reply {
         Some(r) => r,

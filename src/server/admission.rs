@@ -1,0 +1,225 @@
+//! Admission control for streams: a token bucket on new streams per second (a reconnect storm is
+//! spread over time instead of landing at once) and a cap on open streams per client address. A
+//! refused stream gets 503 + `Retry-After` or 429 with a JSON body; an admitted one carries a
+//! `StreamPermit` in its body that gives its place back when the stream ends.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use super::{json_error, BoxError, ResponseBody};
+use crate::config::Server;
+
+/// Why a stream was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("too many new streams per second; retry in {retry_after} s")]
+    TooFast { retry_after: u64 },
+    #[error("this address already has {max} open streams")]
+    TooManyFromAddress { max: u32 },
+}
+
+impl Rejection {
+    pub fn response(&self) -> Response<ResponseBody> {
+        match self {
+            Rejection::TooFast { retry_after } => {
+                let mut r = json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    &self.to_string(),
+                );
+                r.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from(*retry_after));
+                r
+            }
+            Rejection::TooManyFromAddress { .. } => json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-streams",
+                &self.to_string(),
+            ),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+pub struct Admission {
+    /// New streams per second (0: unlimited); the bucket holds one second's worth.
+    rate: u32,
+    bucket: Mutex<Bucket>,
+    per_ip_max: u32,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl Admission {
+    pub fn new(config: &Server) -> Arc<Admission> {
+        Arc::new(Admission {
+            rate: config.max_new_streams_per_sec,
+            bucket: Mutex::new(Bucket {
+                tokens: f64::from(config.max_new_streams_per_sec),
+                at: Instant::now(),
+            }),
+            per_ip_max: config.max_streams_per_ip,
+            per_ip: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Admit one new stream from `ip`, or say why not.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<StreamPermit, Rejection> {
+        if self.per_ip_max > 0 {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            let n = per_ip.entry(ip).or_insert(0);
+            if *n >= self.per_ip_max {
+                return Err(Rejection::TooManyFromAddress {
+                    max: self.per_ip_max,
+                });
+            }
+            *n += 1;
+        }
+        let permit = StreamPermit {
+            admission: self.clone(),
+            ip,
+        };
+        if self.rate > 0 {
+            let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let rate = f64::from(self.rate);
+            b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(rate);
+            b.at = now;
+            if b.tokens < 1.0 {
+                // Dropping `permit` gives the per-address place back.
+                return Err(Rejection::TooFast { retry_after: 1 });
+            }
+            b.tokens -= 1.0;
+        }
+        Ok(permit)
+    }
+
+    /// Open streams from `ip` (for tests and status).
+    pub fn open_from(&self, ip: IpAddr) -> u32 {
+        let per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        per_ip.get(&ip).copied().unwrap_or(0)
+    }
+}
+
+/// A stream's place in the admission counts, returned on drop.
+#[derive(Debug)]
+pub struct StreamPermit {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        if self.admission.per_ip_max == 0 {
+            return;
+        }
+        let mut per_ip = self
+            .admission
+            .per_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A response body that holds a `StreamPermit` for as long as it lives.
+pub struct Permitted {
+    inner: ResponseBody,
+    _permit: StreamPermit,
+}
+
+impl Permitted {
+    pub fn new(inner: ResponseBody, permit: StreamPermit) -> Permitted {
+        Permitted {
+            inner,
+            _permit: permit,
+        }
+    }
+}
+
+impl Body for Permitted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn server(rate: u32, per_ip: u32) -> Server {
+        Server {
+            max_connections: 10,
+            drain_timeout: Duration::from_secs(1),
+            max_header_bytes: 8192,
+            max_new_streams_per_sec: rate,
+            max_streams_per_ip: per_ip,
+        }
+    }
+
+    #[tokio::test]
+    async fn per_ip_cap_counts_open_streams() {
+        let a = Admission::new(&server(0, 2));
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let p1 = a.admit(ip).unwrap();
+        let _p2 = a.admit(ip).unwrap();
+        assert_eq!(
+            a.admit(ip).unwrap_err(),
+            Rejection::TooManyFromAddress { max: 2 }
+        );
+        assert!(a.admit("127.0.0.10".parse().unwrap()).is_ok());
+        drop(p1);
+        assert_eq!(a.open_from(ip), 1);
+        assert!(a.admit(ip).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_refills_over_time() {
+        let a = Admission::new(&server(10, 0));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let held: Vec<_> = (0..10).map(|_| a.admit(ip).unwrap()).collect();
+        assert_eq!(
+            a.admit(ip).unwrap_err(),
+            Rejection::TooFast { retry_after: 1 }
+        );
+        tokio::time::advance(Duration::from_millis(250)).await;
+        // 2.5 tokens refilled.
+        assert!(a.admit(ip).is_ok());
+        assert!(a.admit(ip).is_ok());
+        assert!(a.admit(ip).is_err());
+        drop(held);
+    }
+}

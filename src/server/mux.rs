@@ -1,0 +1,511 @@
+//! herald's own endpoints for browsers: the multiplexed stream (`GET [mux] path?watch=…`, one
+//! connection for many topics), its control API (`POST <path>/{token}/watch` and `/unwatch`, with
+//! a JSON body `{"path": "/api/builds/3"}`), and the browser client (`GET [mux] client`). The body
+//! of the stream is `sse::mux`; each watched path is resolved and subscribed exactly as a single
+//! stream's would be (`watch_target`).
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use rand::Rng;
+use tracing::debug;
+
+use super::admission::Permitted;
+use super::{compress, cors, json_error, App, BoxError, ConnInfo, ResponseBody};
+use crate::hub::{Subscription, WatchSlot};
+use crate::routes::{Route, TopicKey};
+use crate::sse::mux::{Change, ControlError, MuxOptions, MuxStream, WatchInfo};
+use crate::sse::GzipStream;
+
+/// The browser client, an ES module (`client/herald.js`).
+pub const CLIENT_JS: &str = include_str!("../../client/herald.js");
+
+/// Largest control request body: `{"path": …}` with a long query at most.
+const MAX_CONTROL_BODY: usize = 8 * 1024;
+/// Time allowed for a control request's body to arrive.
+const CONTROL_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which of herald's endpoints a path is.
+enum Endpoint<'a> {
+    Client,
+    Stream,
+    Control { token: &'a str, action: Action },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Action {
+    Watch,
+    Unwatch,
+}
+
+fn endpoint<'a>(app: &App, path: &'a str) -> Option<Endpoint<'a>> {
+    let mux = &app.config.mux;
+    if mux.client.as_deref() == Some(path) {
+        return Some(Endpoint::Client);
+    }
+    let base = mux.path.as_deref()?;
+    let rest = path.strip_prefix(base)?;
+    if rest.is_empty() {
+        return Some(Endpoint::Stream);
+    }
+    let (token, action) = rest.strip_prefix('/')?.split_once('/')?;
+    let action = match action {
+        "watch" => Action::Watch,
+        "unwatch" => Action::Unwatch,
+        _ => return None,
+    };
+    Some(Endpoint::Control { token, action })
+}
+
+/// Whether `path` is one of herald's own endpoints (never passed through).
+pub fn owns(app: &App, path: &str) -> bool {
+    endpoint(app, path).is_some()
+}
+
+/// Answer a request for one of herald's endpoints (`owns` was true).
+pub async fn handle(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+) -> Response<ResponseBody> {
+    let path = req.uri().path().to_string();
+    let Some(ep) = endpoint(app, &path) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no such herald endpoint",
+        );
+    };
+    let cors_cfg = app.config.cors.as_ref();
+    if let Some(c) = cors_cfg.filter(|_| cors::is_preflight(req.method(), req.headers())) {
+        // The stream needs only GET and the stream headers; control requests are JSON POSTs.
+        return cors::preflight(c, req.headers(), matches!(ep, Endpoint::Stream));
+    }
+    let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
+    let mut resp = match (ep, req.method()) {
+        (Endpoint::Client, &Method::GET | &Method::HEAD) => client_js(req.headers()),
+        (Endpoint::Stream, &Method::GET) => open(app, &req, conn).await,
+        (Endpoint::Control { token, action }, &Method::POST) => {
+            let token = token.to_string();
+            control(app, req, &token, action).await
+        }
+        (Endpoint::Client | Endpoint::Stream, _) => method_not_allowed("GET"),
+        (Endpoint::Control { .. }, _) => method_not_allowed("POST"),
+    };
+    if let Some(c) = cors_cfg {
+        cors::decorate(c, origin.as_ref(), resp.headers_mut());
+    }
+    resp
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<ResponseBody> {
+    let mut r = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        &format!("use {allow}"),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Why a watch was refused: the HTTP answer, made only when it is sent.
+#[derive(Debug)]
+struct Refused {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refused {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refused {
+        Refused {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn response(&self) -> Response<ResponseBody> {
+        json_error(self.status, self.code, &self.message)
+    }
+}
+
+/// A watched path resolved against the routes, exactly as a single stream's request is: the route,
+/// the topic key, and what to tell the client. `raw` is a path with an optional query, as it would
+/// appear in a URL (percent-encoded).
+fn watch_target(app: &App, raw: &str) -> Result<(Arc<Route>, TopicKey, WatchInfo), Refused> {
+    let (path, query) = match raw.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (raw, None),
+    };
+    match app.routes.resolve(path, query) {
+        Ok(Some((route, key))) => {
+            let info = WatchInfo {
+                path: raw.to_string(),
+                topic: key.resource.to_string(),
+            };
+            Ok((route, key, info))
+        }
+        Ok(None) => Err(Refused::new(
+            StatusCode::NOT_FOUND,
+            "not-a-stream",
+            format!("{path} is not a stream route"),
+        )),
+        Err(e) => Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("{path}: {e}"),
+        )),
+    }
+}
+
+/// Authorize a resolved watch exactly as a single stream is (`Auth::authorize`, on every open)
+/// and join its topic with the stream's slot, under revocation watch. `headers` and `query` are
+/// the request's (the query may carry the route's access-token parameter).
+async fn subscribe(
+    app: &App,
+    route: &Route,
+    key: TopicKey,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    slot: Arc<WatchSlot>,
+) -> Result<Subscription, Refused> {
+    let grant = match app.auth.authorize(route, key, headers, query).await {
+        Ok(g) => g,
+        Err(denied) => {
+            debug!(route = %route.config.template.source, error = %denied, "watch refused");
+            return Err(Refused::new(
+                denied.status(),
+                denied.code(),
+                denied.to_string(),
+            ));
+        }
+    };
+    match app
+        .hub
+        .subscribe(route, grant.key.clone(), grant.headers.clone(), slot)
+    {
+        Ok(sub) => {
+            app.auth.watch(&grant, &sub.slot);
+            Ok(sub)
+        }
+        Err(e) => {
+            app.metrics.reject("too-many-topics");
+            Err(Refused::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-topics",
+                e.to_string(),
+            ))
+        }
+    }
+}
+
+/// The query string credentials may be read from: the watched path's own, then the request's.
+fn auth_query(watched: &str, request: Option<&str>) -> Option<String> {
+    let own = watched.split_once('?').map(|(_, q)| q);
+    match (own, request) {
+        (Some(a), Some(b)) => Some(format!("{a}&{b}")),
+        (a, b) => a.or(b).map(str::to_string),
+    }
+}
+
+/// `application/x-www-form-urlencoded` decoding of one query value (`+` is a space).
+fn form_decode(v: &str) -> Option<String> {
+    let bytes = crate::routes::percent_decode(&v.replace('+', " "))?;
+    String::from_utf8(bytes).ok()
+}
+
+/// `GET [mux] path?watch=/a&watch=/b[&last_event_id=…]`: one stream for every watched topic.
+async fn open(app: &Arc<App>, req: &Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
+    let mux = &app.config.mux;
+    let mut watched = Vec::new();
+    let mut last_q = None;
+    for pair in req.uri().query().unwrap_or("").split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let target = match k {
+            "watch" => &mut watched,
+            "last_event_id" => {
+                last_q = form_decode(v);
+                continue;
+            }
+            _ => continue,
+        };
+        if target.len() >= mux.max_watches {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "too-many-watches",
+                &format!("a stream watches at most {} resources", mux.max_watches),
+            );
+        }
+        match form_decode(v) {
+            Some(p) => target.push(p),
+            None => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request",
+                    "a watch parameter is not valid percent-encoded UTF-8",
+                )
+            }
+        }
+    }
+    let mut targets: Vec<(Arc<Route>, TopicKey, WatchInfo)> = Vec::with_capacity(watched.len());
+    for raw in &watched {
+        match watch_target(app, raw) {
+            // Two paths for one topic (e.g. differing only in dropped query parameters): one watch.
+            Ok(t) if targets.iter().any(|(_, k, _)| *k == t.1) => {}
+            Ok(t) => targets.push(t),
+            Err(refused) => return refused.response(),
+        }
+    }
+    let permit = match app.admission.admit(conn.peer.ip()) {
+        Ok(p) => p,
+        Err(rejection) => {
+            debug!(peer = %conn.peer, %rejection, "multiplexed stream refused");
+            app.metrics.reject("stream-admission");
+            return rejection.response();
+        }
+    };
+    // As for single streams: an HTTP/1 connection carries this stream alone, so a stuck reader
+    // can be cut by closing it; an HTTP/2 connection carries others that must not suffer.
+    let slot = Arc::new(if req.version() < http::Version::HTTP_2 {
+        WatchSlot::with_kill(conn.kill.clone())
+    } else {
+        WatchSlot::default()
+    });
+    let mut subs = Vec::with_capacity(targets.len());
+    for (route, key, info) in targets {
+        let query = auth_query(&info.path, req.uri().query());
+        let sub = subscribe(
+            app,
+            &route,
+            key,
+            req.headers(),
+            query.as_deref(),
+            slot.clone(),
+        );
+        match sub.await {
+            Ok(sub) => subs.push((sub, info)),
+            Err(refused) => return refused.response(),
+        }
+    }
+    let last_event_id = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(last_q);
+    let sse = &app.config.sse;
+    let jitter = |max: Duration| {
+        if max.is_zero() {
+            max
+        } else {
+            rand::thread_rng().gen_range(Duration::ZERO..=max)
+        }
+    };
+    let body = MuxStream::new(
+        app.mux.clone(),
+        slot,
+        subs,
+        MuxOptions {
+            retry: sse.retry + jitter(sse.retry_jitter),
+            heartbeat: sse.heartbeat,
+            shutdown: app.streams.clone(),
+            shutdown_retry: sse.retry + jitter(sse.retry_jitter.max(sse.retry)),
+            max_watches: mux.max_watches,
+            last_event_id,
+            control_path: mux.path.clone().unwrap_or_default(),
+        },
+    );
+    debug!(watches = body.control().len(), "multiplexed stream opened");
+    let compression = app.config.compression.enabled;
+    let gzip = compression && compress::accepts_gzip(req.headers());
+    let body: ResponseBody = if gzip {
+        GzipStream::new(body)
+            .map_err(|e| -> BoxError { Box::new(e) })
+            .boxed_unsync()
+    } else {
+        body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()
+    };
+    let mut resp = Response::new(Permitted::new(body, permit).boxed_unsync());
+    let h = resp.headers_mut();
+    if gzip {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    if compression {
+        compress::add_vary(h, "accept-encoding");
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// `POST <path>/{token}/watch|unwatch` with `{"path": "/api/builds/3"}`.
+async fn control(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    token: &str,
+    action: Action,
+) -> Response<ResponseBody> {
+    let headers = req.headers().clone();
+    let request_query = req.uri().query().map(str::to_string);
+    let Some(control) = app.mux.get(token) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "no-such-stream",
+            "no live stream has this token (it ended, or never existed)",
+        );
+    };
+    let body = Limited::new(req.into_body(), MAX_CONTROL_BODY).collect();
+    let body = match tokio::time::timeout(CONTROL_BODY_TIMEOUT, body).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "bad-request",
+                &format!("the body must be JSON of at most {MAX_CONTROL_BODY} bytes"),
+            )
+        }
+        Err(_) => {
+            return json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "bad-request",
+                "the body did not arrive in time",
+            )
+        }
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        path: String,
+    }
+    let Ok(Body { path }) = serde_json::from_slice::<Body>(&body) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            r#"expected a JSON body like {"path": "/api/builds/3"}"#,
+        );
+    };
+    let (route, key, info) = match watch_target(app, &path) {
+        Ok(t) => t,
+        Err(refused) => return refused.response(),
+    };
+    let result = match action {
+        Action::Watch if control.watches(&key.resource) => Ok(Change::Unchanged),
+        Action::Watch => {
+            let query = auth_query(&path, request_query.as_deref());
+            let sub = subscribe(app, &route, key, &headers, query.as_deref(), control.slot());
+            match sub.await {
+                Ok(sub) => control.watch(sub),
+                Err(refused) => return refused.response(),
+            }
+        }
+        Action::Unwatch => control.unwatch(&key.resource),
+    };
+    match result {
+        Ok(change) => {
+            debug!(?action, topic = %info.topic, ?change, "watch changed");
+            let body = serde_json::json!({
+                "path": info.path,
+                "topic": info.topic,
+                "watching": action == Action::Watch,
+                "changed": change == Change::Done,
+                "watches": control.len(),
+            });
+            let mut resp = Response::new(
+                Full::new(Bytes::from(body.to_string()))
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            );
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
+        }
+        Err(e @ ControlError::Gone) => {
+            json_error(StatusCode::NOT_FOUND, "no-such-stream", &e.to_string())
+        }
+        Err(e @ ControlError::TooManyWatches { .. }) => json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-watches",
+            &e.to_string(),
+        ),
+    }
+}
+
+/// `"c-<crc32>"`: changes whenever the embedded client does.
+static CLIENT_ETAG: LazyLock<HeaderValue> = LazyLock::new(|| {
+    let tag = format!("\"c-{:08x}\"", crc32fast::hash(CLIENT_JS.as_bytes()));
+    HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"c\""))
+});
+
+/// The client gzipped once per process, for clients that accept it.
+static CLIENT_GZ: LazyLock<Bytes> = LazyLock::new(|| {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    // Writing into a Vec cannot fail; on the impossible error the plain client is served.
+    match enc
+        .write_all(CLIENT_JS.as_bytes())
+        .and_then(|()| enc.finish())
+    {
+        Ok(gz) => Bytes::from(gz),
+        Err(_) => Bytes::new(),
+    }
+});
+
+/// `GET [mux] client`: the embedded ES module, cacheable and revalidated by ETag.
+fn client_js(headers: &HeaderMap) -> Response<ResponseBody> {
+    let etag = &*CLIENT_ETAG;
+    let fresh = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == "*" || t.trim_start_matches("W/").as_bytes() == etag.as_bytes()
+        });
+    let gzip = compress::accepts_gzip(headers) && !CLIENT_GZ.is_empty();
+    let (status, body) = if fresh {
+        (StatusCode::NOT_MODIFIED, Bytes::new())
+    } else if gzip {
+        (StatusCode::OK, CLIENT_GZ.clone())
+    } else {
+        (StatusCode::OK, Bytes::from_static(CLIENT_JS.as_bytes()))
+    };
+    let mut resp = Response::new(Full::new(body).map_err(|e| match e {}).boxed_unsync());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    // Five minutes without asking, then a cheap revalidation (304) by ETag: a herald upgrade
+    // reaches browsers within minutes.
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    h.insert(header::ETAG, etag.clone());
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    compress::add_vary(h, "accept-encoding");
+    if gzip && !fresh {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    resp
+}
