@@ -481,3 +481,41 @@ async fn hostile_headers_and_ids_get_clear_answers() {
     h.stop().await;
     up.stop().await;
 }
+
+#[tokio::test]
+async fn streams_per_credential_are_capped_across_addresses() {
+    let up = TestUpstream::start().await;
+    up.set_json("/me", json!({"inbox": 3}));
+    let h = start_herald(config(
+        &up.url(),
+        "[server]\nmax_streams_per_credential = 2\n[[route]]\npath = \"/me\"\n",
+    ))
+    .await;
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap()
+    };
+    let alice = [("cookie", "session=alice")];
+    let mut held = Vec::new();
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let c = SseClient::connect_with(&from(ip), &h.url("/me"), None, &alice).await;
+        assert_eq!(c.status, 200);
+        held.push(c);
+    }
+    // A third stream with the same session, even from another address: 429.
+    let c = SseClient::connect_with(&from("127.0.0.3"), &h.url("/me"), None, &alice).await;
+    assert_eq!(c.status, 429);
+    // Another user and an anonymous client are not affected.
+    let bob = [("cookie", "session=bob")];
+    let c = SseClient::connect_with(&from("127.0.0.3"), &h.url("/me"), None, &bob).await;
+    assert_eq!(c.status, 200);
+    held.push(c);
+    let c = SseClient::connect(&h.url("/me"), None).await;
+    assert_eq!(c.status, 200);
+    held.push(c);
+    drop(held);
+    h.stop().await;
+    up.stop().await;
+}

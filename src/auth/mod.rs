@@ -55,6 +55,9 @@ pub struct Grant {
     pub headers: HeaderMap,
     /// When a verified JWT stops being valid.
     pub valid_until: Option<SystemTime>,
+    /// A keyed hash of the credentials the client presented (0: none), whatever the route's
+    /// sharing: admission caps open streams per credential with it.
+    pub principal: u64,
     recheck: Option<RecheckPlan>,
 }
 
@@ -131,6 +134,21 @@ impl Auth {
     /// on `route`? On success, the key to join (with its `vary`) and the headers to poll with.
     /// Runs on every connect, `Last-Event-ID` or not, so a replay can never skip it. The
     /// multiplexed stream calls this once per watched path, like a single stream does.
+    /// A keyed hash of the credentials in `headers` (cookies and `Authorization`; 0 when there
+    /// are none): who the client is for per-credential limits, whatever a route shares.
+    pub fn principal(&self, headers: &HeaderMap) -> u64 {
+        self.principal_with(headers, None)
+    }
+
+    fn principal_with(&self, headers: &HeaderMap, bearer: Option<&str>) -> u64 {
+        let creds = credentials::extract(&default_vary(), headers, bearer);
+        if creds.is_empty() {
+            0
+        } else {
+            self.inner.key.hash_headers(&creds)
+        }
+    }
+
     pub async fn authorize(
         &self,
         route: &Route,
@@ -191,6 +209,7 @@ impl Auth {
             },
         };
         key.vary = vary;
+        let principal = self.principal_with(headers, bearer);
 
         let recheck = match &ra.check {
             None => None,
@@ -235,6 +254,7 @@ impl Auth {
             key,
             headers: poll_headers,
             valid_until,
+            principal,
             recheck,
         })
     }

@@ -56,6 +56,7 @@ pub struct Server {
     pub max_header_bytes: usize,
     pub max_new_streams_per_sec: u32,
     pub max_streams_per_ip: u32,
+    pub max_streams_per_credential: u32,
 }
 
 #[derive(Debug, Clone)]

@@ -91,6 +91,9 @@ pub struct ServerSection {
     pub max_new_streams_per_sec: u32,
     /// Open streams per client IP address; beyond it, 429. 0: no limit.
     pub max_streams_per_ip: u32,
+    /// Open streams per credential (same cookie / Authorization / token); beyond it, 429.
+    /// 0: no limit.
+    pub max_streams_per_credential: u32,
 }
 
 impl Default for ServerSection {
@@ -101,6 +104,7 @@ impl Default for ServerSection {
             max_header_bytes: ByteSize(64 * 1024),
             max_new_streams_per_sec: 2_000,
             max_streams_per_ip: 1_000,
+            max_streams_per_credential: 100,
         }
     }
 }

@@ -164,6 +164,7 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             max_header_bytes: usize::try_from(file.server.max_header_bytes.0).unwrap_or(usize::MAX),
             max_new_streams_per_sec: file.server.max_new_streams_per_sec,
             max_streams_per_ip: file.server.max_streams_per_ip,
+            max_streams_per_credential: file.server.max_streams_per_credential,
         },
         sse: Sse {
             heartbeat,

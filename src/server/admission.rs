@@ -24,6 +24,8 @@ pub enum Rejection {
     TooFast { retry_after: u64 },
     #[error("this address already has {max} open streams")]
     TooManyFromAddress { max: u32 },
+    #[error("these credentials already have {max} open streams")]
+    TooManyForCredential { max: u32 },
 }
 
 impl Rejection {
@@ -39,11 +41,13 @@ impl Rejection {
                     .insert(http::header::RETRY_AFTER, HeaderValue::from(*retry_after));
                 r
             }
-            Rejection::TooManyFromAddress { .. } => json_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too-many-streams",
-                &self.to_string(),
-            ),
+            Rejection::TooManyFromAddress { .. } | Rejection::TooManyForCredential { .. } => {
+                json_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too-many-streams",
+                    &self.to_string(),
+                )
+            }
         }
     }
 }
@@ -61,6 +65,9 @@ pub struct Admission {
     bucket: Mutex<Bucket>,
     per_ip_max: u32,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
+    per_credential_max: u32,
+    /// Open streams by credential (`Grant::principal`, a keyed hash: never the credential).
+    per_credential: Mutex<HashMap<u64, u32>>,
 }
 
 impl Admission {
@@ -73,11 +80,14 @@ impl Admission {
             }),
             per_ip_max: config.max_streams_per_ip,
             per_ip: Mutex::new(HashMap::new()),
+            per_credential_max: config.max_streams_per_credential,
+            per_credential: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Admit one new stream from `ip`, or say why not.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<StreamPermit, Rejection> {
+    /// Admit one new stream from `ip` presenting credentials `principal` (0: none), or say why
+    /// not.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, principal: u64) -> Result<StreamPermit, Rejection> {
         if self.per_ip_max > 0 {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
             let n = per_ip.entry(ip).or_insert(0);
@@ -88,10 +98,26 @@ impl Admission {
             }
             *n += 1;
         }
-        let permit = StreamPermit {
+        // From here on, dropping `permit` gives back whatever it holds.
+        let mut permit = StreamPermit {
             admission: self.clone(),
             ip,
+            principal: 0,
         };
+        if self.per_credential_max > 0 && principal != 0 {
+            let mut per = self
+                .per_credential
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let n = per.entry(principal).or_insert(0);
+            if *n >= self.per_credential_max {
+                return Err(Rejection::TooManyForCredential {
+                    max: self.per_credential_max,
+                });
+            }
+            *n += 1;
+            permit.principal = principal;
+        }
         if self.rate > 0 {
             let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
@@ -119,23 +145,28 @@ impl Admission {
 pub struct StreamPermit {
     admission: Arc<Admission>,
     ip: IpAddr,
+    /// The credential counted for this stream (0: none counted).
+    principal: u64,
+}
+
+/// Take one from `key`'s count, forgetting the key at zero so the map only holds open streams.
+fn release<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, u32>>, key: &K) {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
-        if self.admission.per_ip_max == 0 {
-            return;
+        if self.admission.per_ip_max > 0 {
+            release(&self.admission.per_ip, &self.ip);
         }
-        let mut per_ip = self
-            .admission
-            .per_ip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
+        if self.principal != 0 {
+            release(&self.admission.per_credential, &self.principal);
         }
     }
 }
@@ -187,6 +218,7 @@ mod tests {
             max_header_bytes: 8192,
             max_new_streams_per_sec: rate,
             max_streams_per_ip: per_ip,
+            max_streams_per_credential: 2,
         }
     }
 
@@ -194,32 +226,53 @@ mod tests {
     async fn per_ip_cap_counts_open_streams() {
         let a = Admission::new(&server(0, 2));
         let ip: IpAddr = "127.0.0.9".parse().unwrap();
-        let p1 = a.admit(ip).unwrap();
-        let _p2 = a.admit(ip).unwrap();
+        let p1 = a.admit(ip, 0).unwrap();
+        let _p2 = a.admit(ip, 0).unwrap();
         assert_eq!(
-            a.admit(ip).unwrap_err(),
+            a.admit(ip, 0).unwrap_err(),
             Rejection::TooManyFromAddress { max: 2 }
         );
-        assert!(a.admit("127.0.0.10".parse().unwrap()).is_ok());
+        assert!(a.admit("127.0.0.10".parse().unwrap(), 0).is_ok());
         drop(p1);
         assert_eq!(a.open_from(ip), 1);
-        assert!(a.admit(ip).is_ok());
+        assert!(a.admit(ip, 0).is_ok());
+    }
+
+    #[tokio::test]
+    async fn per_credential_cap_spans_addresses() {
+        let a = Admission::new(&server(0, 0));
+        let ips: [IpAddr; 3] = [
+            "127.0.0.1".parse().unwrap(),
+            "127.0.0.2".parse().unwrap(),
+            "127.0.0.3".parse().unwrap(),
+        ];
+        let p1 = a.admit(ips[0], 42).unwrap();
+        let _p2 = a.admit(ips[1], 42).unwrap();
+        assert_eq!(
+            a.admit(ips[2], 42).unwrap_err(),
+            Rejection::TooManyForCredential { max: 2 }
+        );
+        // Other credentials and anonymous clients are not affected.
+        assert!(a.admit(ips[2], 7).is_ok());
+        assert!(a.admit(ips[2], 0).is_ok());
+        drop(p1);
+        assert!(a.admit(ips[2], 42).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn bucket_refills_over_time() {
         let a = Admission::new(&server(10, 0));
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let held: Vec<_> = (0..10).map(|_| a.admit(ip).unwrap()).collect();
+        let held: Vec<_> = (0..10).map(|_| a.admit(ip, 0).unwrap()).collect();
         assert_eq!(
-            a.admit(ip).unwrap_err(),
+            a.admit(ip, 0).unwrap_err(),
             Rejection::TooFast { retry_after: 1 }
         );
         tokio::time::advance(Duration::from_millis(250)).await;
         // 2.5 tokens refilled.
-        assert!(a.admit(ip).is_ok());
-        assert!(a.admit(ip).is_ok());
-        assert!(a.admit(ip).is_err());
+        assert!(a.admit(ip, 0).is_ok());
+        assert!(a.admit(ip, 0).is_ok());
+        assert!(a.admit(ip, 0).is_err());
         drop(held);
     }
 }

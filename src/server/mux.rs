@@ -263,7 +263,8 @@ async fn open(app: &Arc<App>, req: &Request<Incoming>, conn: &ConnInfo) -> Respo
             Err(refused) => return refused.response(),
         }
     }
-    let permit = match app.admission.admit(conn.peer.ip()) {
+    let principal = app.auth.principal(req.headers());
+    let permit = match app.admission.admit(conn.peer.ip(), principal) {
         Ok(p) => p,
         Err(rejection) => {
             debug!(peer = %conn.peer, %rejection, "multiplexed stream refused");

@@ -106,7 +106,7 @@ fn open_stream(
     conn: &ConnInfo,
 ) -> Response<ResponseBody> {
     let headers = req.headers();
-    let permit = match app.admission.admit(conn.peer.ip()) {
+    let permit = match app.admission.admit(conn.peer.ip(), grant.principal) {
         Ok(p) => p,
         Err(rejection) => {
             debug!(peer = %conn.peer, %rejection, "stream refused");
