@@ -124,6 +124,7 @@ mod tests {
             leeway: Duration::ZERO,
             audience: vec![],
             issuer: vec![],
+            key_fingerprint: 0,
         }
     }
 

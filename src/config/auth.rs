@@ -191,6 +191,9 @@ pub struct Jwt {
     pub leeway: Duration,
     pub audience: Vec<String>,
     pub issuer: Vec<String>,
+    /// A hash of the key file's bytes as loaded: lets a reload tell a rotated key from the
+    /// same one without the key itself ever appearing in debug output or logs.
+    pub key_fingerprint: u64,
 }
 
 impl fmt::Debug for Jwt {
@@ -201,6 +204,13 @@ impl fmt::Debug for Jwt {
             .field("keys", &self.keys.len())
             .field("claim", &self.claim)
             .field("cookie", &self.cookie)
+            .field("leeway", &self.leeway)
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .field(
+                "key_fingerprint",
+                &format_args!("{:016x}", self.key_fingerprint),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -456,9 +466,23 @@ fn validate_jwt(
             return None;
         }
     };
+    let key_fingerprint = {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        // Keyed per process, so a fingerprint in a log says nothing about the key outside it.
+        static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        let mut h = KEY.get_or_init(Default::default).build_hasher();
+        for path in s.key.iter().chain(s.jwks.iter()) {
+            std::fs::read(path.get_ref())
+                .unwrap_or_default()
+                .hash(&mut h);
+        }
+        h.finish()
+    };
     Some(Jwt {
         alg: s.alg,
         keys: Arc::new(keys),
+        key_fingerprint,
         claim: s.claim.trim().to_string(),
         cookie: s.cookie.clone(),
         leeway: s.leeway.as_ref().map_or(Duration::ZERO, |l| l.0),
