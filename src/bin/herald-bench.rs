@@ -80,8 +80,14 @@ struct Load {
     /// for servers that send raw bodies.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     envelope: bool,
+    /// Churn: each HTTP/1.1 stream lives a random 0.5..2x this many seconds, then closes and a
+    /// new one takes its place (0: streams stay open for the whole run).
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
 }
 
+// `Run` is much larger than the others, but a `Cmd` exists once per process.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Coordinate a run: workers, ramp, /proc sampling, table.
@@ -90,9 +96,9 @@ enum Cmd {
         load: Load,
         #[arg(long, default_value_t = 4)]
         workers: usize,
-        /// Server process to sample (RSS, CPU, fds).
-        #[arg(long)]
-        pid: Option<u32>,
+        /// Server processes to sample (RSS, CPU, fds), summed: e.g. nginx's master and workers.
+        #[arg(long, value_delimiter = ',')]
+        pid: Vec<u32>,
         /// A label for the table row.
         #[arg(long, default_value = "herald")]
         label: String,
@@ -102,6 +108,24 @@ enum Cmd {
         /// Stop with a non-zero exit if any stream saw a gap or duplicate, or fewer events arrived.
         #[arg(long)]
         strict: bool,
+        /// Also append the row as one JSON object per line (for `summarize`).
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// The bench upstream's base URL: count the requests it served during the hold.
+        #[arg(long)]
+        upstream_stats: Option<String>,
+        /// herald's poll interval (ms), to report upstream requests per interval.
+        #[arg(long)]
+        poll_interval_ms: Option<u64>,
+        /// Seconds to wait after the clients are gone before the last sample (fd and RSS leaks).
+        #[arg(long, default_value_t = 3)]
+        settle: u64,
+    },
+    /// Median and spread of repeated runs (JSON rows from `run --json`), as markdown tables,
+    /// with ratios of the first label to every other.
+    Summarize {
+        #[arg(long)]
+        file: std::path::PathBuf,
     },
     /// One worker process (started by `run`).
     Worker {
@@ -154,7 +178,27 @@ fn main() -> Result<()> {
             label,
             append,
             strict,
-        } => coordinate(load, workers, pid, &label, append, strict),
+            json,
+            upstream_stats,
+            poll_interval_ms,
+            settle,
+        } => coordinate(
+            load,
+            workers,
+            &Sampling {
+                pids: pid,
+                upstream_stats,
+                poll_interval_ms,
+                settle,
+            },
+            &label,
+            Output {
+                append,
+                json,
+                strict,
+            },
+        ),
+        Cmd::Summarize { file } => summarize(&file),
         Cmd::Worker { spec } => {
             let spec: WorkerSpec = serde_json::from_str(&spec).context("worker spec")?;
             runtime()?.block_on(worker(spec))
@@ -167,7 +211,11 @@ fn main() -> Result<()> {
             size,
             seconds,
         } => runtime()?.block_on(publish(&url, topics, rate, size, seconds)),
-        Cmd::Floor { listen, rate, size } => runtime()?.block_on(floor(listen, rate, size)),
+        // The floor gets every core, like herald (the clients' helpers get one thread each).
+        Cmd::Floor { listen, rate, size } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(floor(listen, rate, size)),
     }
 }
 
@@ -185,11 +233,33 @@ fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// The body every source publishes: a sequence, a microsecond timestamp and padding.
+/// The body every source publishes: a sequence, a microsecond timestamp and padding that
+/// compresses like real JSON text (words from a small vocabulary, the same in every version, so
+/// a change is small: `seq` and `ts`).
 fn body(seq: u64, size: usize) -> String {
     let head = format!("{{\"seq\":{seq},\"ts\":{},\"pad\":\"", now_micros());
-    let pad = size.saturating_sub(head.len() + 2);
-    format!("{head}{}\"}}", "x".repeat(pad))
+    let want = size.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", &padding(want))
+}
+
+fn padding(len: usize) -> String {
+    const WORDS: &[&str] = &[
+        "build", "step", "passed", "failed", "queued", "running", "agent", "linux", "artifact",
+        "commit", "branch", "main", "duration", "cache", "hit", "miss", "test", "suite", "owner",
+        "pipeline", "stage", "deploy", "review", "id", "42", "1337", "2024", "ok", "warn",
+    ];
+    let mut out = String::with_capacity(len + 16);
+    let mut x: u32 = 0x9e37_79b9;
+    while out.len() < len {
+        // xorshift: the same words for every version of the body.
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        out.push_str(WORDS[x as usize % WORDS.len()]);
+        out.push(' ');
+    }
+    out.truncate(len);
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,6 +296,9 @@ struct Report {
     /// End-to-end latency (source timestamp → receipt), 0.1 ms buckets up to 10 s.
     e2e: Vec<u64>,
     done: bool,
+    /// Summed reports only: some worker has finished (its streams are closing).
+    #[serde(skip)]
+    done_any: bool,
 }
 
 const E2E_BUCKETS: usize = 100_000; // 0.1 ms each: up to 10 s
@@ -253,24 +326,27 @@ fn max_of(hist: &[u64], unit_ms: f64) -> Option<f64> {
         .map(|i| i as f64 * unit_ms)
 }
 
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone, Copy, Debug)]
 struct ProcSample {
+    /// Proportional set size (RSS with shared pages split among the processes sharing them), so
+    /// nginx's master and workers add up to what they really hold; VmRSS where PSS is unreadable.
     rss_kib: u64,
     cpu_ticks: u64,
     fds: u64,
     threads: u64,
 }
 
-fn sample_proc(pid: u32) -> Option<ProcSample> {
+fn sample_one(pid: u32) -> Option<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
+    let field = |text: &str, name: &str| {
+        text.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
     };
+    let pss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| field(&t, "Pss:"));
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = stat.rsplit_once(')')?.1;
@@ -281,27 +357,89 @@ fn sample_proc(pid: u32) -> Option<ProcSample> {
         .map(|d| d.count() as u64)
         .unwrap_or(0);
     Some(ProcSample {
-        rss_kib: field("VmRSS:"),
+        rss_kib: pss.or_else(|| field(&status, "VmRSS:")).unwrap_or(0),
         cpu_ticks: utime + stime,
         fds,
-        threads: field("Threads:"),
+        threads: field(&status, "Threads:").unwrap_or(0),
     })
+}
+
+/// The processes summed; `None` if there are none or one has gone.
+fn sample_proc(pids: &[u32]) -> Option<ProcSample> {
+    if pids.is_empty() {
+        return None;
+    }
+    let mut total = ProcSample::default();
+    for &pid in pids {
+        let s = sample_one(pid)?;
+        total.rss_kib += s.rss_kib;
+        total.cpu_ticks += s.cpu_ticks;
+        total.fds += s.fds;
+        total.threads += s.threads;
+    }
+    Some(total)
+}
+
+/// Requests the bench upstream has served so far (its `/_stats` endpoint).
+fn upstream_requests(base: &str) -> Option<u64> {
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET /_stats HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).ok()?;
+    let body = text.split_once("\r\n\r\n")?.1;
+    serde_json::from_str::<serde_json::Value>(body).ok()?["requests"].as_u64()
+}
+
+/// What the coordinator watches besides its workers.
+struct Sampling {
+    pids: Vec<u32>,
+    upstream_stats: Option<String>,
+    poll_interval_ms: Option<u64>,
+    settle: u64,
+}
+
+/// Where the result goes.
+struct Output {
+    append: Option<std::path::PathBuf>,
+    json: Option<std::path::PathBuf>,
+    strict: bool,
+}
+
+/// A sample taken while every stream was open.
+#[derive(Clone, Copy)]
+struct FullSample {
+    at: Instant,
+    proc: Option<ProcSample>,
+    events: u64,
+    upstream: Option<u64>,
 }
 
 fn coordinate(
     load: Load,
     workers: usize,
-    pid: Option<u32>,
+    sampling: &Sampling,
     label: &str,
-    append: Option<std::path::PathBuf>,
-    strict: bool,
+    out: Output,
 ) -> Result<()> {
     let workers = workers.clamp(1, 64);
-    if load.streams / workers > 18_000 {
-        bail!("more than 18,000 streams per worker would hit the open-files cap: add --workers");
+    let conns = match load.proto {
+        Proto::H1 => load.streams,
+        Proto::H2 => load.streams.div_ceil(load.per_conn.max(1)),
+    };
+    if conns / workers > 18_000 {
+        bail!(
+            "more than 18,000 connections per worker would hit the open-files cap: add --workers"
+        );
     }
+    let pids = &sampling.pids[..];
     let exe = std::env::current_exe()?;
-    let baseline = pid.and_then(sample_proc);
+    let baseline = sample_proc(pids);
     let started = Instant::now();
     let mut children = Vec::new();
     let per = load.streams.div_ceil(workers);
@@ -326,12 +464,12 @@ fn coordinate(
     let reports: Arc<Mutex<HashMap<usize, Report>>> = Arc::default();
     let mut readers = Vec::new();
     for (w, child) in children.iter_mut().enumerate() {
-        let Some(out) = child.stdout.take() else {
+        let Some(stdout) = child.stdout.take() else {
             continue;
         };
         let reports = reports.clone();
         readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Ok(mut r) = serde_json::from_str::<Report>(&line) {
                     r.worker = w;
                     reports
@@ -342,20 +480,42 @@ fn coordinate(
             }
         }));
     }
-    // Sample the server while the load runs: peak RSS when all streams are open, CPU over the hold.
+    // Sample the server while the load runs. The hold is measured between the first and the last
+    // sample at which every stream was open: RSS per stream at its end (steady, after the ramp's
+    // transients), CPU, deliveries and upstream requests between the two.
     let ramp_secs = load.streams as f64 / load.ramp.max(1) as f64;
     let total = Duration::from_secs_f64(ramp_secs) + Duration::from_secs(load.hold);
-    let mut at_full: Option<(Instant, ProcSample, u64)> = None;
-    let mut last = baseline;
+    let mut first_full: Option<FullSample> = None;
+    let mut last_full: Option<FullSample> = None;
     let mut peak_rss = 0;
-    while started.elapsed() < total + Duration::from_secs(2) {
+    let mut rss_track: Vec<u64> = Vec::new();
+    while started.elapsed() < total + Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(500));
         let sum = summed(&reports.lock().unwrap_or_else(|p| p.into_inner()));
-        if let Some(s) = pid.and_then(sample_proc) {
+        let proc = sample_proc(pids);
+        if let Some(s) = proc {
             peak_rss = peak_rss.max(s.rss_kib);
-            last = Some(s);
-            if at_full.is_none() && sum.open as usize >= load.streams {
-                at_full = Some((Instant::now(), s, sum.events));
+        }
+        // With churn a few streams are always between close and reopen.
+        let full_at = if load.churn > 0.0 {
+            load.streams * 9 / 10
+        } else {
+            load.streams
+        };
+        if sum.open as usize >= full_at.max(1) && !sum.done_any {
+            let s = FullSample {
+                at: Instant::now(),
+                proc,
+                events: sum.events,
+                upstream: sampling
+                    .upstream_stats
+                    .as_deref()
+                    .and_then(upstream_requests),
+            };
+            first_full.get_or_insert(s);
+            last_full = Some(s);
+            if let Some(p) = proc {
+                rss_track.push(p.rss_kib);
             }
         }
         if children
@@ -371,6 +531,9 @@ fn coordinate(
     for r in readers {
         let _ = r.join();
     }
+    // After the clients are gone: fds back to the baseline means no connection or task leaked.
+    std::thread::sleep(Duration::from_secs(sampling.settle));
+    let after = sample_proc(pids);
     let sum = summed(&reports.lock().unwrap_or_else(|p| p.into_inner()));
     let elapsed = started.elapsed().as_secs_f64();
     let mut row = vec![
@@ -379,43 +542,90 @@ fn coordinate(
             "proto",
             format!("{:?}{}", load.proto, if load.gzip { "+gzip" } else { "" }),
         ),
-        ("streams", format!("{}/{}", sum.opened, load.streams)),
+        ("streams", load.streams.to_string()),
+        ("opened", sum.opened.to_string()),
         ("failed", sum.failed.to_string()),
         ("events", sum.events.to_string()),
         ("gaps", sum.gaps.to_string()),
         ("dups", sum.dups.to_string()),
     ];
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let fanout_p99 = percentile(&sum.fanout, 0.99, 1.0);
+    let e2e_p99 = percentile(&sum.e2e, 0.99, 0.1);
     row.push(("fanout p50 ms", fmt(percentile(&sum.fanout, 0.5, 1.0))));
-    row.push(("fanout p99 ms", fmt(percentile(&sum.fanout, 0.99, 1.0))));
+    row.push(("fanout p99 ms", fmt(fanout_p99)));
+    row.push(("fanout max ms", fmt(max_of(&sum.fanout, 1.0))));
     row.push(("e2e p50 ms", fmt(percentile(&sum.e2e, 0.5, 0.1))));
-    row.push(("e2e p99 ms", fmt(percentile(&sum.e2e, 0.99, 0.1))));
+    row.push(("e2e p99 ms", fmt(e2e_p99)));
     row.push(("e2e max ms", fmt(max_of(&sum.e2e, 0.1))));
+    // The latency the comparison uses: from the moment the server has the new state to the
+    // client. herald stamps that moment in its envelope; a push server has it when the publisher
+    // sends (the body's own timestamp).
+    row.push((
+        "deliver p99 ms",
+        fmt(if load.envelope { fanout_p99 } else { e2e_p99 }),
+    ));
     row.push(("events/s", format!("{:.0}", sum.events as f64 / elapsed)));
-    row.push(("MB/s", format!("{:.2}", sum.bytes as f64 / elapsed / 1e6)));
-    if let (Some(base), Some((t_full, full, ev_full)), Some(end)) = (baseline, at_full, last) {
-        let streams = load.streams.max(1) as f64;
-        let per_stream = (full.rss_kib.saturating_sub(base.rss_kib)) as f64 / streams;
-        let hold = t_full.elapsed().as_secs_f64().max(0.001);
-        let cpu_s = (end.cpu_ticks.saturating_sub(full.cpu_ticks)) as f64 / 100.0;
-        let deliveries = sum.events.saturating_sub(ev_full) as f64;
-        row.push((
-            "server RSS MiB",
-            format!("{:.1}", full.rss_kib as f64 / 1024.0),
-        ));
-        row.push(("KiB/stream", format!("{per_stream:.2}")));
-        row.push(("server CPU %", format!("{:.1}", cpu_s / hold * 100.0)));
-        row.push((
-            "deliveries/CPU-s",
-            if cpu_s > 0.0 {
-                format!("{:.0}", deliveries / cpu_s)
-            } else {
-                "-".into()
-            },
-        ));
-        row.push(("fds", end.fds.to_string()));
-        row.push(("threads", end.threads.to_string()));
-        row.push(("peak RSS MiB", format!("{:.1}", peak_rss as f64 / 1024.0)));
+    row.push(("MB/s", format!("{:.3}", sum.bytes as f64 / elapsed / 1e6)));
+    row.push((
+        "bytes/event",
+        format!("{:.0}", sum.bytes as f64 / sum.events.max(1) as f64),
+    ));
+    if let (Some(first), Some(last)) = (first_full, last_full) {
+        let hold = last.at.duration_since(first.at).as_secs_f64();
+        row.push(("hold s", format!("{hold:.1}")));
+        if let (Some(base), Some(p0), Some(p1)) = (baseline, first.proc, last.proc) {
+            let streams = load.streams.max(1) as f64;
+            let per_stream = p1.rss_kib.saturating_sub(base.rss_kib) as f64 / streams;
+            let cpu_s = p1.cpu_ticks.saturating_sub(p0.cpu_ticks) as f64 / 100.0;
+            let deliveries = last.events.saturating_sub(first.events) as f64;
+            row.push((
+                "base RSS MiB",
+                format!("{:.1}", base.rss_kib as f64 / 1024.0),
+            ));
+            row.push(("RSS MiB", format!("{:.1}", p1.rss_kib as f64 / 1024.0)));
+            row.push(("peak RSS MiB", format!("{:.1}", peak_rss as f64 / 1024.0)));
+            row.push(("KiB/stream", format!("{per_stream:.2}")));
+            row.push((
+                "server CPU %",
+                format!("{:.1}", cpu_s / hold.max(0.001) * 100.0),
+            ));
+            row.push((
+                "deliveries/CPU-s",
+                if cpu_s > 0.0 {
+                    format!("{:.0}", deliveries / cpu_s)
+                } else {
+                    "-".into()
+                },
+            ));
+            // RSS over the hold: the second half's mean against the first half's (churn: flat?).
+            if rss_track.len() >= 4 {
+                let h = rss_track.len() / 2;
+                let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len() as f64 / 1024.0;
+                row.push((
+                    "RSS drift MiB",
+                    format!("{:+.1}", mean(&rss_track[h..]) - mean(&rss_track[..h])),
+                ));
+            }
+            row.push(("fds base", base.fds.to_string()));
+            row.push(("fds", p1.fds.to_string()));
+            row.push(("threads", p1.threads.to_string()));
+        }
+        if let (Some(u0), Some(u1)) = (first.upstream, last.upstream) {
+            let reqs = u1.saturating_sub(u0) as f64;
+            row.push(("upstream req/s", format!("{:.1}", reqs / hold.max(0.001))));
+            if let Some(ms) = sampling.poll_interval_ms {
+                let intervals = hold * 1000.0 / ms.max(1) as f64;
+                row.push((
+                    "upstream req/interval",
+                    format!("{:.0}", reqs / intervals.max(0.001)),
+                ));
+            }
+        }
+    }
+    if let Some(a) = after {
+        row.push(("fds after", a.fds.to_string()));
+        row.push(("RSS after MiB", format!("{:.1}", a.rss_kib as f64 / 1024.0)));
     }
     let header = format!(
         "| {} |",
@@ -430,14 +640,25 @@ fn coordinate(
             .join(" | ")
     );
     println!("{header}\n{sep}\n{line}");
-    if let Some(path) = append {
+    if let Some(path) = out.append {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)?;
         writeln!(f, "{header}\n{sep}\n{line}\n")?;
     }
-    if strict
+    if let Some(path) = out.json {
+        let obj: serde_json::Map<String, serde_json::Value> = row
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+            .collect();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        writeln!(f, "{}", serde_json::Value::Object(obj))?;
+    }
+    if out.strict
         && (sum.gaps > 0 || sum.dups > 0 || sum.failed > 0 || (sum.opened as usize) < load.streams)
     {
         bail!(
@@ -448,6 +669,135 @@ fn coordinate(
             sum.opened,
             load.streams
         );
+    }
+    Ok(())
+}
+
+/// Columns `summarize` reports, and whether more is better (for the ratio table).
+const SUMMARY: &[&str] = &[
+    "KiB/stream",
+    "RSS MiB",
+    "server CPU %",
+    "deliveries/CPU-s",
+    "deliver p99 ms",
+    "fanout p50 ms",
+    "fanout p99 ms",
+    "fanout max ms",
+    "e2e p50 ms",
+    "e2e p99 ms",
+    "e2e max ms",
+    "bytes/event",
+    "MB/s",
+    "gaps",
+    "dups",
+    "failed",
+    "RSS drift MiB",
+    "fds base",
+    "fds",
+    "fds after",
+    "upstream req/interval",
+];
+
+fn summarize(file: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    let rows: Vec<serde_json::Map<String, serde_json::Value>> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    // Groups in order of first appearance: label + protocol.
+    let mut groups: Vec<(String, Vec<&serde_json::Map<String, serde_json::Value>>)> = Vec::new();
+    for r in &rows {
+        let key = format!(
+            "{} {}",
+            r["label"].as_str().unwrap_or("?"),
+            r["proto"].as_str().unwrap_or("")
+        );
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(r),
+            None => groups.push((key, vec![r])),
+        }
+    }
+    let num = |r: &serde_json::Map<String, serde_json::Value>, col: &str| {
+        r.get(col)
+            .and_then(|v| v.as_str())
+            .and_then(|v| v.trim_start_matches('+').parse::<f64>().ok())
+    };
+    let stat = |rs: &[&serde_json::Map<String, serde_json::Value>], col: &str| {
+        let mut v: Vec<f64> = rs.iter().filter_map(|r| num(r, col)).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.is_empty() {
+            return None;
+        }
+        let median = if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        Some((median, v[0], v[v.len() - 1]))
+    };
+    let show = |x: f64| {
+        if x.abs() >= 100.0 {
+            format!("{x:.0}")
+        } else if x.abs() >= 10.0 {
+            format!("{x:.1}")
+        } else {
+            format!("{x:.2}")
+        }
+    };
+    let cols: Vec<&str> = SUMMARY
+        .iter()
+        .copied()
+        .filter(|c| rows.iter().any(|r| num(r, c).is_some()))
+        .collect();
+    println!("Median of each group's runs, with (min–max) when it ran more than once.\n");
+    println!("| server | runs | {} |", cols.join(" | "));
+    println!("|---|---|{}", "---|".repeat(cols.len()));
+    for (key, rs) in &groups {
+        let cells: Vec<String> = cols
+            .iter()
+            .map(|c| match stat(rs, c) {
+                None => "-".into(),
+                Some((m, lo, hi)) if rs.len() > 1 && lo != hi => {
+                    format!("{} ({}–{})", show(m), show(lo), show(hi))
+                }
+                Some((m, _, _)) => show(m),
+            })
+            .collect();
+        println!("| {key} | {} | {} |", rs.len(), cells.join(" | "));
+    }
+    // Ratios of the first group (herald) to each other, on the medians.
+    let Some((first_key, first_rows)) = groups.first() else {
+        return Ok(());
+    };
+    let med =
+        |rs: &[&serde_json::Map<String, serde_json::Value>], c: &str| stat(rs, c).map(|s| s.0);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    };
+    let per_gib = |kib: Option<f64>| kib.filter(|k| *k > 0.0).map(|k| 1024.0 * 1024.0 / k);
+    if groups.len() > 1 {
+        println!(
+            "\nRatios {first_key} / alternative (medians; streams per GiB and deliveries per CPU-s: \
+             higher is better for herald above 1x; p99: lower is better for herald below 1x).\n"
+        );
+        println!("| alternative | streams per GiB | deliveries per CPU-s | deliver p99 |");
+        println!("|---|---|---|---|");
+        for (key, rs) in groups.iter().skip(1) {
+            println!(
+                "| {key} | {} | {} | {} |",
+                ratio(
+                    per_gib(med(first_rows, "KiB/stream")),
+                    per_gib(med(rs, "KiB/stream"))
+                ),
+                ratio(
+                    med(first_rows, "deliveries/CPU-s"),
+                    med(rs, "deliveries/CPU-s")
+                ),
+                ratio(med(first_rows, "deliver p99 ms"), med(rs, "deliver p99 ms")),
+            );
+        }
     }
     Ok(())
 }
@@ -467,6 +817,7 @@ fn summed(reports: &HashMap<usize, Report>) -> Report {
         s.gaps += r.gaps;
         s.dups += r.dups;
         s.snapshots += r.snapshots;
+        s.done_any |= r.done;
         for (a, b) in s.fanout.iter_mut().zip(&r.fanout) {
             *a += b;
         }
@@ -506,13 +857,23 @@ impl Stats {
             gaps: self.gaps.load(Ordering::Relaxed),
             dups: self.dups.load(Ordering::Relaxed),
             snapshots: self.snapshots.load(Ordering::Relaxed),
-            fanout: self
-                .fanout
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            e2e: self.e2e.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            // Histograms (110k buckets) only in the last report: the per-second ones carry
+            // counters, so that reporting costs the clients next to nothing.
+            fanout: if done {
+                self.fanout
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            } else {
+                Vec::new()
+            },
+            e2e: if done {
+                self.e2e.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            } else {
+                Vec::new()
+            },
             done,
+            done_any: false,
         }
     }
 }
@@ -565,13 +926,26 @@ async fn worker(spec: WorkerSpec) -> Result<()> {
         );
         let (load, stats) = (spec.load.clone(), stats.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) =
-                connection(&load, target, src, streams.clone(), &stats, gap, stop_at).await
-            {
-                stats
-                    .failed
-                    .fetch_add(streams.len() as u64, Ordering::Relaxed);
-                eprintln!("connection from {src}: {e:#}");
+            loop {
+                // Churn: this connection ends after a random lifetime and a new one replaces it.
+                let now = tokio::time::Instant::now();
+                let until = if load.churn > 0.0 && load.proto == Proto::H1 {
+                    let life = load.churn * rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..2.0);
+                    stop_at.min(now + Duration::from_secs_f64(life))
+                } else {
+                    stop_at
+                };
+                if let Err(e) =
+                    connection(&load, target, src, streams.clone(), &stats, gap, until).await
+                {
+                    stats
+                        .failed
+                        .fetch_add(streams.len() as u64, Ordering::Relaxed);
+                    eprintln!("connection from {src}: {e:#}");
+                }
+                if until >= stop_at || tokio::time::Instant::now() >= stop_at {
+                    break;
+                }
             }
         }));
         i += n;
@@ -605,8 +979,15 @@ async fn connection(
         let path = load
             .path
             .replace("{n}", &(i % load.topics.max(1)).to_string());
-        let mut b = hyper::Request::get(format!("{}{}", load.target.trim_end_matches('/'), path))
-            .header("accept", "text/event-stream");
+        // HTTP/1.1: origin-form and a Host header (nginx and Node refuse requests without);
+        // HTTP/2: the full URI, whose authority becomes `:authority`.
+        let mut b = match load.proto {
+            Proto::H1 => hyper::Request::get(path).header("host", target.to_string()),
+            Proto::H2 => {
+                hyper::Request::get(format!("{}{}", load.target.trim_end_matches('/'), path))
+            }
+        }
+        .header("accept", "text/event-stream");
         if load.gzip {
             b = b.header("accept-encoding", "gzip");
         }
@@ -637,6 +1018,7 @@ async fn connection(
                     match send.send_request(req).await {
                         Ok(resp) => {
                             if let Err(e) = consume(resp, &load, &stats, stop_at).await {
+                                stats.failed.fetch_add(1, Ordering::Relaxed);
                                 eprintln!("h2 stream: {e:#}");
                             }
                         }
@@ -664,7 +1046,7 @@ async fn consume(
     stop_at: tokio::time::Instant,
 ) -> Result<()> {
     if !resp.status().is_success() {
-        stats.failed.fetch_add(1, Ordering::Relaxed);
+        // Counted as failed by the caller.
         bail!("status {}", resp.status());
     }
     let gz = resp
@@ -677,6 +1059,7 @@ async fn consume(
     let mut decoder = gz.then(|| flate2::write::GzDecoder::new(Vec::new()));
     let mut parser = EventParser::default();
     let mut last_seq: Option<(String, u64)> = None;
+    let mut first = true;
     let result = loop {
         let frame = tokio::select! {
             _ = tokio::time::sleep_until(stop_at) => break Ok(()),
@@ -698,7 +1081,11 @@ async fn consume(
         let received = now_micros();
         for ev in parser.feed(&text) {
             stats.events.fetch_add(1, Ordering::Relaxed);
-            record(load, stats, &ev, received, &mut last_seq);
+            // A stream's first event is the state as it was when the client arrived (herald's
+            // snapshot is stamped with the time of the last change, seconds ago on a quiet
+            // topic): not a change travelling, so it is left out of the latencies.
+            record(load, stats, &ev, received, &mut last_seq, !first);
+            first = false;
         }
     };
     stats.open.fetch_sub(1, Ordering::Relaxed);
@@ -711,6 +1098,7 @@ fn record(
     ev: &ParsedEvent,
     received: u64,
     last: &mut Option<(String, u64)>,
+    timed: bool,
 ) {
     let data: serde_json::Value = serde_json::from_str(&ev.data).unwrap_or(serde_json::Value::Null);
     let payload = if load.envelope { &data["data"] } else { &data };
@@ -736,6 +1124,7 @@ fn record(
         }
         if let Some(ts) = data["timestamp"]
             .as_str()
+            .filter(|_| timed)
             .and_then(|t| humantime::parse_rfc3339(t).ok())
         {
             let sent = ts
@@ -747,6 +1136,19 @@ fn record(
             h[(ms as usize).min(FANOUT_BUCKETS - 1)] += 1;
         }
     }
+    // Servers without ids: gaps and duplicates by the body's own sequence.
+    if !load.envelope {
+        if let Some(seq) = payload["seq"].as_u64() {
+            if let Some((_, ls)) = last.as_ref() {
+                if seq <= *ls {
+                    stats.dups.fetch_add(1, Ordering::Relaxed);
+                } else if seq > ls + 1 {
+                    stats.gaps.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            *last = Some((String::new(), seq));
+        }
+    }
     // The source's own timestamp: a field of a snapshot, or the value of a `/ts` patch op.
     let ts = payload["ts"].as_u64().or_else(|| {
         payload
@@ -755,7 +1157,7 @@ fn record(
             .find(|op| op["path"] == "/ts")
             .and_then(|op| op["value"].as_u64())
     });
-    if let Some(ts) = ts {
+    if let Some(ts) = ts.filter(|_| timed) {
         let tenths = received.saturating_sub(ts) / 100;
         let mut h = stats.e2e.lock().unwrap_or_else(|p| p.into_inner());
         h[(tenths as usize).min(E2E_BUCKETS - 1)] += 1;
@@ -829,12 +1231,20 @@ async fn upstream(listen: SocketAddr, rate: f64, size: usize) -> Result<()> {
             }
         });
     }
+    // Requests served, for `run --upstream-stats`: herald must poll once per topic per interval.
+    let requests = Arc::new(AtomicU64::new(0));
     loop {
         let (stream, _) = listener.accept().await?;
-        let current = current.clone();
+        let (current, requests) = (current.clone(), requests.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |_req: hyper::Request<Incoming>| {
-                let b = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let b = if req.uri().path() == "/_stats" {
+                    let n = requests.load(Ordering::Relaxed);
+                    Bytes::from(format!("{{\"requests\":{n}}}"))
+                } else {
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+                };
                 async move {
                     let mut r = hyper::Response::new(Full::new(b));
                     r.headers_mut().insert(
@@ -859,12 +1269,24 @@ async fn publish(url: &str, topics: usize, rate: f64, size: usize, seconds: u64)
     while Instant::now() < end {
         t.tick().await;
         seq += 1;
-        for n in 0..topics.max(1) {
+        // Topics in parallel (64 at a time), so thousands fit in one tick.
+        let posts = (0..topics.max(1)).map(|n| {
             let u = url.replace("{n}", &n.to_string());
-            if let Err(e) = client.post(&u).body(body(seq, size)).send().await {
-                eprintln!("publish {u}: {e}");
+            let req = client.post(&u).body(body(seq, size));
+            async move {
+                match req.send().await {
+                    Ok(r) if !r.status().is_success() => eprintln!("publish {u}: {}", r.status()),
+                    Err(e) => eprintln!("publish {u}: {e}"),
+                    Ok(_) => {}
+                }
             }
-        }
+        });
+        futures_util::stream::StreamExt::for_each_concurrent(
+            futures_util::stream::iter(posts),
+            64,
+            |f| f,
+        )
+        .await;
     }
     Ok(())
 }

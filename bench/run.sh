@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# One benchmark scenario, herald next to nginx+Nchan, a hand-written Node server and the no-logic
+# tokio floor, in the same run on the same machine; each server is run REPS times (interleaved),
+# and the median and spread go to BENCHMARKS.md with the machine, the commit and this command.
+#
+#   bench/run.sh <scenario> [--quick] [--reps N] [--servers "herald nchan node floor"]
+#
+# Scenarios: idle-1k idle-5k idle-18k idle-h2 fanout fanout-10k topics gzip churn
+# Needs a release build (cargo build --release --bins) and bench/setup.sh's packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CMDLINE="bench/run.sh $*"
+SCENARIO=${1:?usage: bench/run.sh <scenario> [--quick] [--reps N] [--servers LIST]}
+shift
+QUICK=0; REPS=3; SERVERS="herald nchan node floor"; APPEND=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1; REPS=1 ;;
+    --reps) REPS=$2; shift ;;
+    --servers) SERVERS=$2; shift ;;
+    --no-append) APPEND=0 ;;
+    *) echo "unknown option $1" >&2; exit 64 ;;
+  esac
+  shift
+done
+BIN=$ROOT/target/release
+BENCH=$BIN/herald-bench
+[ -x "$BIN/herald" ] && [ -x "$BENCH" ] || { echo "cargo build --release --bins first" >&2; exit 1; }
+TMP=$(mktemp -d /tmp/herald-bench.XXXXXX)
+ROWS=$TMP/rows.jsonl
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap 'cleanup; rm -rf "$TMP"' EXIT
+
+H_PORT=18080; UP_PORT=13000; NCHAN_PORT=18081; NODE_PORT=18082; FLOOR_PORT=18090
+
+# Scenario parameters: streams, topics, change rate per topic (/s), body size, herald's poll
+# interval, hold seconds, protocol, gzip, churn lifetime, workers.
+PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000
+case "$SCENARIO" in
+  idle-1k)    STREAMS=1000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
+  idle-5k)    STREAMS=5000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
+  idle-18k)   STREAMS=18000; TOPICS=1;    RATE=0;   HOLD=20 ;;
+  idle-h2)    STREAMS=100000; TOPICS=1;   RATE=0;   HOLD=20; PROTO=h2; PER_CONN=100; RAMP=5000
+              # Only herald speaks HTTP/2 here (h2c prior knowledge): the floor and Node are
+              # HTTP/1.1 servers, and nginx would need a separate `http2` listener.
+              SERVERS=herald ;;
+  fanout)     STREAMS=5000;  TOPICS=1;    RATE=10;  HOLD=20; POLL=50 ;;
+  fanout-10k) STREAMS=10000; TOPICS=1;    RATE=10;  HOLD=20; POLL=50 ;;
+  topics)     STREAMS=15000; TOPICS=3000; RATE=0.5; HOLD=20; POLL=2000
+              SERVERS=$(echo "$SERVERS" | sed 's/floor//') ;; # the floor has one topic
+  gzip)       STREAMS=1000;  TOPICS=1;    RATE=10;  HOLD=15; POLL=50; SIZE=2000
+              SERVERS="herald herald-gzip $(echo "$SERVERS" | sed 's/herald//')" ;;
+  churn)      STREAMS=2000;  TOPICS=20;   RATE=1;   HOLD=600; POLL=1000; CHURN=5
+              [ $QUICK = 1 ] && HOLD=60
+              SERVERS=$(echo "$SERVERS" | sed 's/floor//') ;;
+  *) echo "unknown scenario $SCENARIO" >&2; exit 64 ;;
+esac
+if [ $QUICK = 1 ] && [ "$SCENARIO" != churn ]; then HOLD=10; fi
+RAMP_S=$(( STREAMS / RAMP + 1 ))
+RUN_S=$(( RAMP_S + HOLD + 15 ))
+# An idle scenario still needs a body that never changes during the run.
+UP_RATE=$RATE; [ "$RATE" = 0 ] && UP_RATE=0.0001
+
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+start() { "$@" & PIDS+=($!); LAST=$!; }
+stop_all() { cleanup; PIDS=(); sleep 1; }
+
+herald_config() {
+  cat > "$TMP/herald.toml" <<TOML
+listen = "127.0.0.1:$H_PORT"
+upstream = "http://127.0.0.1:$UP_PORT"
+[[route]]
+path = "/topic/{n}"
+interval = "${POLL}ms"
+TOML
+}
+
+# Start one server (and its source of changes); sets SPID (pids to sample), PATH_T, ENVELOPE.
+start_server() {
+  local name=$1
+  case $name in
+    herald|herald-gzip)
+      start "$BENCH" upstream --listen 127.0.0.1:$UP_PORT --rate "$UP_RATE" --size $SIZE 2>/dev/null
+      wait_port $UP_PORT
+      herald_config
+      start env ${HERALD_ENV:-} "$BIN/herald" --config "$TMP/herald.toml" --log-format json >"$TMP/herald.log" 2>&1
+      SPID=$LAST; wait_port $H_PORT
+      TARGET=http://127.0.0.1:$H_PORT; PATH_T="/topic/{n}"; ENVELOPE=true ;;
+    nchan)
+      mkdir -p "$TMP/nginx"
+      sed -e "s#@PREFIX@#$TMP/nginx#g" -e "s#@PORT@#$NCHAN_PORT#g" bench/nchan.conf >"$TMP/nginx/nchan.conf"
+      start nginx -p "$TMP/nginx" -c "$TMP/nginx/nchan.conf" 2>>"$TMP/nginx.err"
+      wait_port $NCHAN_PORT; sleep 0.3
+      SPID="$LAST,$(pgrep -d, -P "$LAST")"
+      TARGET=http://127.0.0.1:$NCHAN_PORT; PATH_T="/sub/{n}"; ENVELOPE=false
+      PUB=http://127.0.0.1:$NCHAN_PORT/pub/{n} ;;
+    node)
+      start node bench/node-sse.js $NODE_PORT 2>/dev/null
+      SPID=$LAST; wait_port $NODE_PORT
+      TARGET=http://127.0.0.1:$NODE_PORT; PATH_T="/sub/{n}"; ENVELOPE=false
+      PUB=http://127.0.0.1:$NODE_PORT/pub/{n} ;;
+    floor)
+      start "$BENCH" floor --listen 127.0.0.1:$FLOOR_PORT --rate "$UP_RATE" --size $SIZE 2>/dev/null
+      SPID=$LAST; wait_port $FLOOR_PORT
+      TARGET=http://127.0.0.1:$FLOOR_PORT; PATH_T="/"; ENVELOPE=false ;;
+  esac
+}
+
+run_one() {
+  local name=$1 rep=$2
+  start_server "$name"
+  if [ "$name" = nchan ] || [ "$name" = node ]; then
+    [ "$RATE" != 0 ] && start "$BENCH" publish --url "$PUB" --topics $TOPICS --rate "$RATE" --size $SIZE --seconds $RUN_S
+  fi
+  local extra=()
+  [ "$name" = herald-gzip ] && extra+=(--gzip)
+  [ "$CHURN" != 0 ] && extra+=(--churn "$CHURN")
+  case $name in herald*) extra+=(--upstream-stats http://127.0.0.1:$UP_PORT --poll-interval-ms $POLL) ;; esac
+  local label=$name; [ "$name" = herald-gzip ] && label=herald
+  echo "== $SCENARIO: $name (run $rep/$REPS), load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+  "$BENCH" run --target "$TARGET" --path "$PATH_T" --topics $TOPICS --streams $STREAMS \
+    --ramp $RAMP --hold $HOLD --proto $PROTO --per-conn $PER_CONN --workers $WORKERS \
+    --envelope $ENVELOPE --pid "$SPID" --label "$label" --json "$ROWS" "${extra[@]}" >&2 || true
+  stop_all
+}
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+for rep in $(seq "$REPS"); do
+  for s in $SERVERS; do run_one "$s" "$rep"; done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+SUMMARY=$("$BENCH" summarize --file "$ROWS")
+REPORT=$(cat <<MD
+
+### $SCENARIO ($(date -u +%Y-%m-%d\ %H:%M\ UTC))
+
+\`$CMDLINE\` — $STREAMS streams ($PROTO${GZIP:+, gzip}), $TOPICS topic(s), changes ${RATE}/s per topic,
+${SIZE} B bodies, herald polls every ${POLL} ms, hold ${HOLD} s, churn ${CHURN} s, $REPS run(s) each.
+Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), kernel $(uname -r),
+$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Commit ${BENCH_COMMIT:-$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src bench || echo ' + uncommitted changes')}.
+Load average before/after: $LOAD_BEFORE / $LOAD_AFTER.
+
+$SUMMARY
+MD
+)
+echo "$REPORT"
+[ $APPEND = 1 ] && echo "$REPORT" >> "${BENCHMARKS:-BENCHMARKS.md}"
+cp "$ROWS" "/tmp/bench-$SCENARIO-rows.jsonl"
