@@ -18,7 +18,7 @@ use tracing::debug;
 use super::tls::{self, Acceptor};
 use http::{header, HeaderValue, Response, StatusCode};
 
-use super::{json_error, router, App, ConnInfo};
+use super::{fast, json_error, router, App, ConnInfo};
 
 /// What a connection task needs from its listener.
 pub(super) struct Conn {
@@ -70,14 +70,26 @@ impl Conn {
                     tls: false,
                     kill,
                 };
-                serve_http(
+                // An HTTP/1.1 stream is served on the socket directly (`fast.rs`); `watcher`
+                // stays alive meanwhile, so the drain waits for it like for any connection.
+                let stream = if reject {
+                    stream
+                } else {
+                    match fast::try_serve(stream, &app, &info).await {
+                        fast::Outcome::Served => return,
+                        fast::Outcome::Hyper(stream) => stream,
+                    }
+                };
+                // Boxed, like the TLS path: inline, hyper's connection state would size every
+                // connection's task, fast-path streams included.
+                Box::pin(serve_http(
                     TokioIo::new(app.metrics.track(stream, info.tls)),
                     info,
                     app,
                     &builder,
                     watcher,
                     reject,
-                )
+                ))
                 .await;
             }
             Some(acceptor) => {

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod compress;
 mod conn;
 pub mod cors;
+mod fast;
 pub mod mux;
 pub mod proxy;
 pub mod router;

@@ -37,50 +37,11 @@ pub async fn handle(
     if super::mux::owns(&app, req.uri().path()) {
         return super::mux::handle(&app, req, &conn).await;
     }
+    if let Some(resp) = answer(&app, &req, &conn).await {
+        return resp;
+    }
     let cors_cfg = app.config.cors.as_ref();
-    if let Some(c) = cors_cfg.filter(|_| cors::is_preflight(req.method(), req.headers())) {
-        // A preflight for a stream (GET on a stream route) is herald's to answer; others are the
-        // upstream's unless herald overrides CORS everywhere.
-        let stream = cors::requested_method(req.headers()) == Some(b"GET")
-            && !matches!(
-                app.routes.resolve(req.uri().path(), req.uri().query()),
-                Ok(None)
-            );
-        if stream || c.pass_through == CorsPassThrough::Override {
-            return cors::preflight(c, req.headers(), stream);
-        }
-    }
     let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
-    if req.method() == Method::GET && accepts_event_stream(req.headers()) {
-        let resp = match app.routes.resolve(req.uri().path(), req.uri().query()) {
-            // Access first (every connect, Last-Event-ID or not): the grant names the topic.
-            Ok(Some((route, key))) => Some(
-                match app
-                    .auth
-                    .authorize(&route, key, req.headers(), req.uri().query())
-                    .await
-                {
-                    Ok(grant) => open_stream(&app, &route, grant, &req, &conn),
-                    Err(denied) => {
-                        debug!(route = %route.config.template.source, error = %denied, "stream refused");
-                        json_error(denied.status(), denied.code(), &denied.to_string())
-                    }
-                },
-            ),
-            Ok(None) => None,
-            Err(e) => Some(json_error(
-                StatusCode::BAD_REQUEST,
-                "bad-request",
-                &e.to_string(),
-            )),
-        };
-        if let Some(mut resp) = resp {
-            if let Some(c) = cors_cfg {
-                cors::decorate(c, origin.as_ref(), resp.headers_mut());
-            }
-            return resp;
-        }
-    }
     // HEAD must describe what an uncompressed GET would send.
     let gzip = req.method() != Method::HEAD && compress::accepts_gzip(req.headers());
     let resp = proxy::forward(
@@ -98,11 +59,58 @@ pub async fn handle(
     resp
 }
 
-fn open_stream(
+/// What herald answers itself for a request on a route (the preflight of a stream, a stream, or
+/// the refusal of one), or `None` when it is passed through. Only the head is read, so the HTTP/1
+/// stream fast path (`fast.rs`) can ask before it consumes anything.
+pub async fn answer<B>(
+    app: &App,
+    req: &Request<B>,
+    conn: &ConnInfo,
+) -> Option<Response<ResponseBody>> {
+    let cors_cfg = app.config.cors.as_ref();
+    if let Some(c) = cors_cfg.filter(|_| cors::is_preflight(req.method(), req.headers())) {
+        // A preflight for a stream (GET on a stream route) is herald's to answer; others are the
+        // upstream's unless herald overrides CORS everywhere.
+        let stream = cors::requested_method(req.headers()) == Some(b"GET")
+            && !matches!(
+                app.routes.resolve(req.uri().path(), req.uri().query()),
+                Ok(None)
+            );
+        if stream || c.pass_through == CorsPassThrough::Override {
+            return Some(cors::preflight(c, req.headers(), stream));
+        }
+    }
+    if req.method() != Method::GET || !accepts_event_stream(req.headers()) {
+        return None;
+    }
+    let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
+    let mut resp = match app.routes.resolve(req.uri().path(), req.uri().query()) {
+        // Access first (every connect, Last-Event-ID or not): the grant names the topic.
+        Ok(Some((route, key))) => match app
+            .auth
+            .authorize(&route, key, req.headers(), req.uri().query())
+            .await
+        {
+            Ok(grant) => open_stream(app, &route, grant, req, conn),
+            Err(denied) => {
+                debug!(route = %route.config.template.source, error = %denied, "stream refused");
+                json_error(denied.status(), denied.code(), &denied.to_string())
+            }
+        },
+        Ok(None) => return None,
+        Err(e) => json_error(StatusCode::BAD_REQUEST, "bad-request", &e.to_string()),
+    };
+    if let Some(c) = cors_cfg {
+        cors::decorate(c, origin.as_ref(), resp.headers_mut());
+    }
+    Some(resp)
+}
+
+fn open_stream<B>(
     app: &App,
     route: &crate::routes::Route,
     grant: crate::auth::Grant,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     conn: &ConnInfo,
 ) -> Response<ResponseBody> {
     let headers = req.headers();
