@@ -71,6 +71,12 @@ herald_config() {
   cat > "$TMP/herald.toml" <<TOML
 listen = "127.0.0.1:$H_PORT"
 upstream = "http://127.0.0.1:$UP_PORT"
+# Capacity runs ramp faster than herald's default admission (2,000 new streams/s, 1,000 per
+# address): lift the limits here so the numbers measure capacity, not admission control.
+[server]
+max_new_streams_per_sec = 0
+max_streams_per_ip = 0
+max_streams_per_credential = 0
 [[route]]
 path = "/topic/{n}"
 interval = "${POLL}ms"
