@@ -81,6 +81,10 @@ max_streams_per_credential = 0
 path = "/topic/{n}"
 interval = "${POLL}ms"
 TOML
+  # Extra herald settings for a run, e.g. HERALD_TOML=$'[sse]\nhistory = 16' for a churn run whose
+  # memory must be flat from the first minute (the default history fills for ~17 minutes).
+  [ -n "${HERALD_TOML:-}" ] && printf '%s\n' "$HERALD_TOML" >>"$TMP/herald.toml"
+  true
 }
 
 # Start one server (and its source of changes); sets SPID (pids to sample), PATH_T, ENVELOPE.
