@@ -255,11 +255,12 @@ pub fn self_signed_tls() -> crate::Result<crate::server::tls::Acceptor> {
 }
 
 /// The config `herald demo` runs with: the demo API as upstream, its build routes streamable.
-pub fn config_text(listen: SocketAddr, upstream: SocketAddr) -> String {
+pub fn config_text(listen: SocketAddr, upstream: SocketAddr, admin: Option<SocketAddr>) -> String {
+    let admin = admin.map_or(String::new(), |a| format!("\n[admin]\nlisten = \"{a}\"\n"));
     format!(
         r#"listen = "{listen}"
 upstream = "http://{upstream}"
-
+{admin}
 [sse]
 heartbeat = "15s"
 retry = "2s"

@@ -55,6 +55,9 @@ enum Command {
         /// Where herald serves HTTPS (HTTP/2 and HTTP/1.1) with a self-signed certificate.
         #[arg(long, default_value = "127.0.0.1:8443")]
         tls_listen: SocketAddr,
+        /// Where the admin listener (status page, /metrics) goes; skipped if the port is taken.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
     },
 }
 
@@ -122,8 +125,11 @@ fn main() -> ExitCode {
             listen,
             upstream_listen,
             tls_listen,
+            admin_listen,
         } => {
-            report(runtime().and_then(|rt| rt.block_on(demo(listen, upstream_listen, tls_listen))))
+            report(runtime().and_then(|rt| {
+                rt.block_on(demo(listen, upstream_listen, tls_listen, admin_listen))
+            }))
         }
     }
 }
@@ -210,6 +216,7 @@ async fn demo(
     listen: SocketAddr,
     upstream_listen: SocketAddr,
     tls_listen: SocketAddr,
+    admin_listen: SocketAddr,
 ) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     herald::shutdown::on_signal(shutdown.clone());
@@ -222,9 +229,21 @@ async fn demo(
         Duration::from_secs(1),
         shutdown.clone(),
     ));
-    let text = herald::demo::config_text(listen, upstream_addr);
+    // The status page is part of the demo when its port is free; a taken port is not worth failing
+    // the demo for.
+    let admin = match TcpListener::bind(admin_listen).await {
+        Ok(probe) => probe.local_addr().ok(),
+        Err(e) => {
+            eprintln!(
+                "herald demo: no status page ({admin_listen}: {e}); pass --admin-listen ADDR"
+            );
+            None
+        }
+    };
+    let text = herald::demo::config_text(listen, upstream_addr, admin);
     let config = herald::config::parse(&text, "<demo config>").context("demo config")?;
-    let herald = herald::Herald::new(config)?;
+    let mut herald = herald::Herald::new(config)?;
+    let admin = herald.bind_admin().await?;
     let tls = herald::demo::self_signed_tls().context("making the demo certificate")?;
     let listener = TcpListener::bind(listen).await.with_context(|| {
         format!("binding herald on {listen} (pass --listen ADDR to use another)")
@@ -249,6 +268,9 @@ async fn demo(
          \n  curl http://{addr}/api/builds/1     the same resource, passed through\
          \n\nCtrl-C to stop.\n"
     );
+    if let Some(a) = admin {
+        println!("  status page and metrics: http://{a}/  http://{a}/metrics\n");
+    }
     let listeners = vec![
         herald::server::Listener::plain(listener),
         herald::server::Listener::tls(tls_listener, tls),
