@@ -10,105 +10,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::browser::{Browser, STEP};
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpListener;
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-/// Longest wait for one browser step (page load, a DOM change).
-const STEP: Duration = Duration::from_secs(20);
-
-/// The driver process and its line protocol.
-struct Browser {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-impl Browser {
-    async fn start() -> Option<Browser> {
-        if !Path::new(CHROMIUM).exists() {
-            eprintln!("note: {CHROMIUM} not found; skipping the browser test (CI installs it)");
-            return None;
-        }
-        let node_ok = std::process::Command::new("node")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !node_ok {
-            eprintln!("note: `node` not found; skipping the browser test");
-            return None;
-        }
-        let mut child = Command::new("node")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/browser/cdp.mjs"
-            ))
-            .arg(CHROMIUM)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the browser driver");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let mut b = Browser {
-            child,
-            stdin,
-            lines,
-        };
-        let ready = b.read().await;
-        assert_eq!(ready["ready"], true, "{ready}");
-        Some(b)
-    }
-
-    async fn read(&mut self) -> Value {
-        let line = tokio::time::timeout(STEP + Duration::from_secs(10), self.lines.next_line())
-            .await
-            .expect("the driver answers in time")
-            .expect("read from the driver")
-            .expect("the driver is running");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("driver said {line:?}: {e}"))
-    }
-
-    /// Run one command; panics with the driver's error (and the page's console) if it fails.
-    async fn cmd(&mut self, cmd: Value) -> Value {
-        let line = format!("{cmd}\n");
-        self.stdin
-            .write_all(line.as_bytes())
-            .await
-            .expect("write to the driver");
-        let r = self.read().await;
-        assert_eq!(r["ok"], true, "browser command {cmd} failed: {r:#}");
-        r["value"].clone()
-    }
-
-    async fn eval(&mut self, expr: &str) -> Value {
-        self.cmd(json!({"cmd": "eval", "expr": expr})).await
-    }
-
-    async fn wait(&mut self, expr: &str) -> Value {
-        self.cmd(json!({"cmd": "wait", "expr": expr, "timeout": STEP.as_millis() as u64}))
-            .await
-    }
-
-    async fn quit(mut self) {
-        let _ = self.stdin.write_all(b"{\"cmd\":\"quit\"}\n").await;
-        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .expect("the driver exits");
-        assert!(status.is_ok());
-    }
-}
 
 /// A build as the demo API serves it.
 fn build(id: u64, status: &str, progress: u64) -> Value {
@@ -180,7 +89,7 @@ fn shows(id: u64, status: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_page_follows_builds_across_a_restart() {
-    let Some(mut browser) = Browser::start().await else {
+    let Some(mut browser) = Browser::start("the browser test").await else {
         return;
     };
     let up = TestUpstream::start().await;

@@ -8,94 +8,14 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::admin::{AdminHerald, ADMIN};
+use common::browser::Browser;
 use common::{config, Reply, SseClient, TestUpstream};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const STEP: Duration = Duration::from_secs(20);
 const T: Duration = Duration::from_secs(5);
-
-/// The driver process (`tests/browser/cdp.mjs`) and its one-JSON-line-per-command protocol.
-struct Browser {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-impl Browser {
-    async fn start() -> Option<Browser> {
-        if !Path::new(CHROMIUM).exists() {
-            eprintln!("note: {CHROMIUM} not found; skipping the status page test (CI installs it)");
-            return None;
-        }
-        let node = std::process::Command::new("node").arg("--version").output();
-        if !node.is_ok_and(|o| o.status.success()) {
-            eprintln!("note: `node` not found; skipping the status page test");
-            return None;
-        }
-        let mut child = Command::new("node")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/browser/cdp.mjs"
-            ))
-            .arg(CHROMIUM)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the browser driver");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let mut b = Browser {
-            child,
-            stdin,
-            lines,
-        };
-        let ready = b.read().await;
-        assert_eq!(ready["ready"], true, "{ready}");
-        Some(b)
-    }
-
-    async fn read(&mut self) -> Value {
-        let line = tokio::time::timeout(STEP + Duration::from_secs(10), self.lines.next_line())
-            .await
-            .expect("the driver answers in time")
-            .expect("read from the driver")
-            .expect("the driver is running");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("driver said {line:?}: {e}"))
-    }
-
-    async fn cmd(&mut self, cmd: Value) -> Value {
-        self.stdin
-            .write_all(format!("{cmd}\n").as_bytes())
-            .await
-            .expect("write to the driver");
-        let r = self.read().await;
-        assert_eq!(r["ok"], true, "browser command {cmd} failed: {r:#}");
-        r["value"].clone()
-    }
-
-    async fn wait(&mut self, expr: &str) -> Value {
-        self.cmd(json!({"cmd": "wait", "expr": expr, "timeout": STEP.as_millis() as u64}))
-            .await
-    }
-
-    async fn quit(mut self) {
-        let _ = self.stdin.write_all(b"{\"cmd\":\"quit\"}\n").await;
-        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .expect("the driver exits");
-        assert!(status.is_ok());
-    }
-}
 
 fn build(id: u32, step: u32) -> Value {
     let steps = ["fetch", "compile", "test", "package", "publish"];
@@ -111,7 +31,7 @@ fn row(table: &str, needle: &str) -> String {
 
 #[tokio::test]
 async fn status_page_follows_herald_live() {
-    let Some(mut browser) = Browser::start().await else {
+    let Some(mut browser) = Browser::start("the status page test").await else {
         return;
     };
     let up = std::sync::Arc::new(TestUpstream::start().await);

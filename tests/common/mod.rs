@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod admin;
+pub mod browser;
 pub mod h2;
 pub mod tls;
 
