@@ -15,12 +15,10 @@ use hyper::body::Incoming;
 use rand::Rng;
 use tracing::debug;
 
-use super::admission::Permitted;
-use super::{compress, cors, json_error, App, BoxError, ConnInfo, ResponseBody};
+use super::{compress, cors, json_error, App, ConnInfo, ResponseBody};
 use crate::hub::{Subscription, WatchSlot};
 use crate::routes::{Route, TopicKey};
 use crate::sse::mux::{Change, ControlError, MuxOptions, MuxStream, WatchInfo};
-use crate::sse::GzipStream;
 
 /// The browser client, an ES module (`client/herald.js`).
 pub const CLIENT_JS: &str = include_str!("../../client/herald.js");
@@ -324,30 +322,7 @@ async fn open(app: &Arc<App>, req: &Request<Incoming>, conn: &ConnInfo) -> Respo
         },
     );
     debug!(watches = body.control().len(), "multiplexed stream opened");
-    let compression = app.config.compression.enabled;
-    let gzip = compression && compress::accepts_gzip(req.headers());
-    let body: ResponseBody = if gzip {
-        GzipStream::new(body)
-            .map_err(|e| -> BoxError { Box::new(e) })
-            .boxed_unsync()
-    } else {
-        body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()
-    };
-    let mut resp = Response::new(Permitted::new(body, permit).boxed_unsync());
-    let h = resp.headers_mut();
-    if gzip {
-        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    }
-    if compression {
-        compress::add_vary(h, "accept-encoding");
-    }
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    resp
+    super::router::stream_response(app, req.headers(), body, permit, |b| b)
 }
 
 /// `POST <path>/{token}/watch|unwatch` with `{"path": "/api/builds/3"}`.

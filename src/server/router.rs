@@ -13,10 +13,14 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::admission::Permitted;
+use bytes::Bytes;
+use http_body::Body;
+
+use super::admission::{Permitted, StreamPermit};
 use super::{compress, cors, json_error, proxy, App, ResponseBody};
 use crate::config::CorsPassThrough;
 use crate::hub::{parse_event_id, WatchSlot};
+use crate::sse::stream::{ItemSource, StreamClosed};
 use crate::sse::{GzipStream, SseStream};
 
 /// Per-connection facts a request handler needs.
@@ -172,18 +176,34 @@ fn open_stream<B>(
         app.streams.clone(),
         sse.retry + jitter(sse.retry_jitter.max(sse.retry)),
     );
+    stream_response(app, headers, body, permit, |b| stream_log.wrap(b))
+}
+
+/// The response for an opened stream (single or multiplexed): gzip when the client accepts it and
+/// compression is on, the SSE headers, `observe` around the body (metrics), and `permit` held for
+/// as long as the stream lives.
+pub(super) fn stream_response<S>(
+    app: &App,
+    headers: &HeaderMap,
+    stream: S,
+    permit: StreamPermit,
+    observe: impl FnOnce(ResponseBody) -> ResponseBody,
+) -> Response<ResponseBody>
+where
+    S: ItemSource + Body<Data = Bytes, Error = StreamClosed> + Unpin + Send + 'static,
+{
     let compression = app.config.compression.enabled;
     let gzip = compression && compress::accepts_gzip(headers);
     let body = if gzip {
-        GzipStream::new(body)
+        GzipStream::new(stream)
             .map_err(|e| -> super::BoxError { Box::new(e) })
             .boxed_unsync()
     } else {
-        body.map_err(|e| -> super::BoxError { Box::new(e) })
+        stream
+            .map_err(|e| -> super::BoxError { Box::new(e) })
             .boxed_unsync()
     };
-    let body = stream_log.wrap(body);
-    let mut resp = Response::new(Permitted::new(body, permit).boxed_unsync());
+    let mut resp = Response::new(Permitted::new(observe(body), permit).boxed_unsync());
     let h = resp.headers_mut();
     if gzip {
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
