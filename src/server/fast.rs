@@ -160,11 +160,18 @@ async fn respond(
     write_all(stream, &mut [IoSlice::new(&head)]).await?;
     drop(head);
 
+    // Made once, not per event: each of these registers interest (the socket's read readiness,
+    // the token's waiter list) when first polled, and re-creating them for every event costs
+    // more than writing the event.
+    let gone = client_gone(stream);
+    let killed = kill.cancelled();
+    tokio::pin!(gone, killed);
     loop {
         let frame = tokio::select! {
+            biased;
             f = body.frame() => f,
-            r = client_gone(stream) => return r,
-            _ = kill.cancelled() => return Ok(()),
+            r = &mut gone => return r,
+            _ = &mut killed => return Ok(()),
         };
         let data: Bytes = match frame {
             None => break,
@@ -224,11 +231,12 @@ fn chunk_size(buf: &mut [u8; 18], len: usize) -> &[u8] {
 async fn write_all(stream: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
     IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
-        stream.writable().await?;
+        // Write first and wait only when the socket is full: an idle stream's socket almost
+        // always has room, so this is one syscall per event and no readiness bookkeeping.
         match stream.try_write_vectored(slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
             Err(e) => return Err(e),
         }
     }
