@@ -37,7 +37,7 @@ H_PORT=18080; UP_PORT=13000; NCHAN_PORT=18081; NODE_PORT=18082; FLOOR_PORT=18090
 
 # Scenario parameters: streams, topics, change rate per topic (/s), body size, herald's poll
 # interval, hold seconds, protocol, gzip, churn lifetime, workers.
-PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000
+PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000; PER_USER=0
 case "$SCENARIO" in
   idle-1k)    STREAMS=1000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
   idle-5k)    STREAMS=5000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
@@ -49,6 +49,9 @@ case "$SCENARIO" in
   fanout)     STREAMS=5000;  TOPICS=1;    RATE=10;  HOLD=20; POLL=50 ;;
   fanout-10k) STREAMS=10000; TOPICS=1;    RATE=10;  HOLD=20; POLL=50 ;;
   topics)     STREAMS=15000; TOPICS=3000; RATE=0.5; HOLD=20; POLL=2000
+              # 1,000 of the topics are per-user: 100 paths x 10 users, each user's streams
+              # sending its own Authorization (herald keys those topics by credential).
+              PER_USER=1000
               SERVERS=$(echo "$SERVERS" | sed 's/floor//') ;; # the floor has one topic
   gzip)       STREAMS=1000;  TOPICS=1;    RATE=10;  HOLD=15; POLL=50; SIZE=2000
               SERVERS="herald herald-gzip $(echo "$SERVERS" | sed 's/herald//')" ;;
@@ -127,7 +130,10 @@ run_one() {
   local extra=()
   [ "$name" = herald-gzip ] && extra+=(--gzip)
   [ "$CHURN" != 0 ] && extra+=(--churn "$CHURN")
-  case $name in herald*) extra+=(--upstream-stats http://127.0.0.1:$UP_PORT --poll-interval-ms $POLL) ;; esac
+  [ "$PER_USER" != 0 ] && extra+=(--per-user "$PER_USER" --users 10)
+  case $name in
+    herald*) extra+=(--upstream-stats http://127.0.0.1:$UP_PORT --poll-interval-ms $POLL --keyed-by-credential) ;;
+  esac
   local label=$name; [ "$name" = herald-gzip ] && label=herald
   echo "== $SCENARIO: $name (run $rep/$REPS), load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
   "$BENCH" run --target "$TARGET" --path "$PATH_T" --topics $TOPICS --streams $STREAMS \
@@ -143,11 +149,13 @@ done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 SUMMARY=$("$BENCH" summarize --file "$ROWS")
+PU_TEXT=""
+[ "$PER_USER" != 0 ] && PU_TEXT=" ($PER_USER of them per-user: 10 users x $((PER_USER / 10)) paths, each user's own Authorization)"
 REPORT=$(cat <<MD
 
 ### $SCENARIO ($(date -u +%Y-%m-%d\ %H:%M\ UTC))
 
-\`$CMDLINE\` — $STREAMS streams ($PROTO${GZIP:+, gzip}), $TOPICS topic(s), changes ${RATE}/s per topic,
+\`$CMDLINE\` — $STREAMS streams ($PROTO${GZIP:+, gzip}), $TOPICS topic(s)$PU_TEXT, changes ${RATE}/s per topic,
 ${SIZE} B bodies, herald polls every ${POLL} ms, hold ${HOLD} s, churn ${CHURN} s, $REPS run(s) each.
 Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), kernel $(uname -r),
 $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Commit ${BENCH_COMMIT:-$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src bench || echo ' + uncommitted changes')}.

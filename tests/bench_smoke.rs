@@ -1,7 +1,8 @@
 //! The load generator, seconds-long, so the benchmark code cannot rot: herald in-process on port
 //! 0 polling `herald-bench upstream`, then `herald-bench run --strict` with a few hundred streams
 //! over two worker processes. The table must parse and show every stream open, events delivered,
-//! no gaps or duplicates, and the upstream polled once per topic per interval.
+//! no gaps or duplicates, and the upstream polled once per topic per interval (per-user topics
+//! once per user).
 
 mod common;
 
@@ -58,7 +59,14 @@ async fn load_generator_smoke() {
                 "--path",
                 "/topic/{n}",
                 "--topics",
+                "4",
+                // Two of them per-user: one path watched by two users, each with their own
+                // credential, so herald keeps two topics for it and polls it twice.
+                "--per-user",
                 "2",
+                "--users",
+                "2",
+                "--keyed-by-credential",
                 "--streams",
                 "200",
                 "--ramp",
@@ -127,7 +135,10 @@ async fn load_generator_smoke() {
     assert!(num("events") > 200.0, "{stdout}");
     assert!(num("fanout p99 ms") >= 0.0);
     assert!(num("KiB/stream").is_finite());
-    // Two topics polled every 100 ms: two requests per interval (a little slack for timing).
+    // Four topics (two public, two per-user) polled every 100 ms: four requests per interval,
+    // two of them with a user's credential (a little slack for timing).
     let per_interval = num("upstream req/interval");
-    assert!((1.0..=3.0).contains(&per_interval), "{stdout}");
+    assert!((3.0..=5.0).contains(&per_interval), "{stdout}");
+    let per_user = num("per-user req/interval");
+    assert!((1.0..=3.0).contains(&per_user), "{stdout}");
 }

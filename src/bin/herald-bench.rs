@@ -84,6 +84,41 @@ struct Load {
     /// new one takes its place (0: streams stay open for the whole run).
     #[arg(long, default_value_t = 0.0)]
     churn: f64,
+    /// Per-user topics: the last N of `--topics` belong to one of `--users` users each, and their
+    /// streams send that user's `Authorization`. A server that keys topics by credential
+    /// (`--keyed-by-credential`, herald) gets `--users` users on each of N / users shared paths;
+    /// a push server gets one channel per user and path, as one builds it by hand.
+    #[arg(long, default_value_t = 0)]
+    per_user: usize,
+    #[arg(long, default_value_t = 10)]
+    users: usize,
+    #[arg(long)]
+    keyed_by_credential: bool,
+}
+
+impl Load {
+    /// Stream `i`'s path and, for a per-user topic, the credential it sends.
+    fn stream_target(&self, i: usize) -> (String, Option<String>) {
+        let topics = self.topics.max(1);
+        let t = i % topics;
+        let public = topics - self.per_user.min(topics);
+        let (n, user) = if t < public {
+            (t, None)
+        } else {
+            let j = t - public;
+            let users = self.users.max(1);
+            let n = if self.keyed_by_credential {
+                public + j / users
+            } else {
+                t
+            };
+            (n, Some(j % users))
+        };
+        (
+            self.path.replace("{n}", &n.to_string()),
+            user.map(|u| format!("Bearer bench-user-{u}")),
+        )
+    }
 }
 
 // `Run` is much larger than the others, but a `Cmd` exists once per process.
@@ -381,7 +416,8 @@ fn sample_proc(pids: &[u32]) -> Option<ProcSample> {
 }
 
 /// Requests the bench upstream has served so far (its `/_stats` endpoint).
-fn upstream_requests(base: &str) -> Option<u64> {
+/// Requests the bench upstream served: all, and those that carried an `Authorization`.
+fn upstream_requests(base: &str) -> Option<(u64, u64)> {
     let addr = base.trim_start_matches("http://").trim_end_matches('/');
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -393,7 +429,11 @@ fn upstream_requests(base: &str) -> Option<u64> {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut s, &mut text).ok()?;
     let body = text.split_once("\r\n\r\n")?.1;
-    serde_json::from_str::<serde_json::Value>(body).ok()?["requests"].as_u64()
+    let v = serde_json::from_str::<serde_json::Value>(body).ok()?;
+    Some((
+        v["requests"].as_u64()?,
+        v["with_credentials"].as_u64().unwrap_or(0),
+    ))
 }
 
 /// What the coordinator watches besides its workers.
@@ -417,7 +457,7 @@ struct FullSample {
     at: Instant,
     proc: Option<ProcSample>,
     events: u64,
-    upstream: Option<u64>,
+    upstream: Option<(u64, u64)>,
 }
 
 fn coordinate(
@@ -611,15 +651,17 @@ fn coordinate(
             row.push(("fds", p1.fds.to_string()));
             row.push(("threads", p1.threads.to_string()));
         }
-        if let (Some(u0), Some(u1)) = (first.upstream, last.upstream) {
+        if let (Some((u0, c0)), Some((u1, c1))) = (first.upstream, last.upstream) {
             let reqs = u1.saturating_sub(u0) as f64;
             row.push(("upstream req/s", format!("{:.1}", reqs / hold.max(0.001))));
             if let Some(ms) = sampling.poll_interval_ms {
-                let intervals = hold * 1000.0 / ms.max(1) as f64;
-                row.push((
-                    "upstream req/interval",
-                    format!("{:.0}", reqs / intervals.max(0.001)),
-                ));
+                let intervals = (hold * 1000.0 / ms.max(1) as f64).max(0.001);
+                row.push(("upstream req/interval", format!("{:.0}", reqs / intervals)));
+                if load.per_user > 0 {
+                    // Polls made with a user's credential: one per per-user topic per interval.
+                    let with = c1.saturating_sub(c0) as f64;
+                    row.push(("per-user req/interval", format!("{:.0}", with / intervals)));
+                }
             }
         }
     }
@@ -696,6 +738,7 @@ const SUMMARY: &[&str] = &[
     "fds",
     "fds after",
     "upstream req/interval",
+    "per-user req/interval",
 ];
 
 fn summarize(file: &std::path::Path) -> Result<()> {
@@ -976,9 +1019,7 @@ async fn connection(
     tcp.set_nodelay(true)?;
     let io = TokioIo::new(tcp);
     let request = |i: usize| -> Result<hyper::Request<Empty<Bytes>>> {
-        let path = load
-            .path
-            .replace("{n}", &(i % load.topics.max(1)).to_string());
+        let (path, credential) = load.stream_target(i);
         // HTTP/1.1: origin-form and a Host header (nginx and Node refuse requests without);
         // HTTP/2: the full URI, whose authority becomes `:authority`.
         let mut b = match load.proto {
@@ -990,6 +1031,9 @@ async fn connection(
         .header("accept", "text/event-stream");
         if load.gzip {
             b = b.header("accept-encoding", "gzip");
+        }
+        if let Some(c) = credential {
+            b = b.header("authorization", c);
         }
         Ok(b.body(Empty::new())?)
     };
@@ -1060,10 +1104,15 @@ async fn consume(
     let mut parser = EventParser::default();
     let mut last_seq: Option<(String, u64)> = None;
     let mut first = true;
+    // One timer for the whole stream: a sleep made per event would register with the timer
+    // wheel every time, client CPU that competes with the server on a shared machine.
+    let stop = tokio::time::sleep_until(stop_at);
+    tokio::pin!(stop);
     let result = loop {
         let frame = tokio::select! {
-            _ = tokio::time::sleep_until(stop_at) => break Ok(()),
+            biased;
             f = body.frame() => f,
+            _ = &mut stop => break Ok(()),
         };
         let Some(frame) = frame else { break Ok(()) };
         let Ok(data) = frame?.into_data() else {
@@ -1233,16 +1282,22 @@ async fn upstream(listen: SocketAddr, rate: f64, size: usize) -> Result<()> {
     }
     // Requests served, for `run --upstream-stats`: herald must poll once per topic per interval.
     let requests = Arc::new(AtomicU64::new(0));
+    let with_credentials = Arc::new(AtomicU64::new(0));
     loop {
         let (stream, _) = listener.accept().await?;
         let (current, requests) = (current.clone(), requests.clone());
+        let with_credentials = with_credentials.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let b = if req.uri().path() == "/_stats" {
                     let n = requests.load(Ordering::Relaxed);
-                    Bytes::from(format!("{{\"requests\":{n}}}"))
+                    let c = with_credentials.load(Ordering::Relaxed);
+                    Bytes::from(format!("{{\"requests\":{n},\"with_credentials\":{c}}}"))
                 } else {
                     requests.fetch_add(1, Ordering::Relaxed);
+                    if req.headers().contains_key("authorization") {
+                        with_credentials.fetch_add(1, Ordering::Relaxed);
+                    }
                     current.lock().unwrap_or_else(|p| p.into_inner()).clone()
                 };
                 async move {
