@@ -93,53 +93,70 @@ impl Conn {
                 .await;
             }
             Some(acceptor) => {
-                // The TLS states (handshake, then the connection over a rustls stream) are boxed:
-                // inline they would make every connection's task ~5.9 KiB, plain ones included
-                // (a task is as large as its largest state); boxed, a plain one needs ~2 KiB.
-                let handshake = Box::pin(tokio::time::timeout(
-                    tls::HANDSHAKE_TIMEOUT,
-                    acceptor.accept(stream),
-                ));
-                let stream = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = handshake => match r {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            debug!(error = %e, "TLS handshake failed");
-                            app.metrics.reject("tls-handshake");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!(timeout = ?tls::HANDSHAKE_TIMEOUT, "TLS handshake timed out");
-                            app.metrics.reject("tls-handshake-timeout");
-                            return;
-                        }
-                    },
-                };
-                let alpn = stream
-                    .get_ref()
-                    .1
-                    .alpn_protocol()
-                    .map(|p| String::from_utf8_lossy(p).into_owned());
-                debug!(alpn = alpn.as_deref().unwrap_or("none"), "TLS established");
-                let info = ConnInfo {
-                    peer,
-                    tls: true,
-                    kill,
-                };
-                Box::pin(serve_http(
-                    TokioIo::new(app.metrics.track(stream, info.tls)),
-                    info,
-                    app,
-                    &builder,
-                    watcher,
-                    reject,
+                // Boxed whole: the handshake and the rustls stream (over 1 KiB) would otherwise
+                // be part of every connection's task, plain ones included (a future is as large
+                // as its largest state, and a value moved out still keeps its slot until its
+                // scope ends).
+                Box::pin(serve_tls(
+                    stream, acceptor, peer, kill, app, &builder, watcher, shutdown, reject,
                 ))
                 .await;
             }
         }
         drop(permit);
     }
+}
+
+/// The TLS handshake (bounded by a timeout, abandoned when shutdown begins), then HTTP over it.
+#[allow(clippy::too_many_arguments)]
+async fn serve_tls(
+    stream: TcpStream,
+    acceptor: Acceptor,
+    peer: SocketAddr,
+    kill: CancellationToken,
+    app: Arc<App>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    shutdown: CancellationToken,
+    reject: bool,
+) {
+    let handshake = tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+    let stream = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = handshake => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(error = %e, "TLS handshake failed");
+                app.metrics.reject("tls-handshake");
+                return;
+            }
+            Err(_) => {
+                debug!(timeout = ?tls::HANDSHAKE_TIMEOUT, "TLS handshake timed out");
+                app.metrics.reject("tls-handshake-timeout");
+                return;
+            }
+        },
+    };
+    let alpn = stream
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    debug!(alpn = alpn.as_deref().unwrap_or("none"), "TLS established");
+    let info = ConnInfo {
+        peer,
+        tls: true,
+        kill,
+    };
+    serve_http(
+        TokioIo::new(app.metrics.track(stream, info.tls)),
+        info,
+        app,
+        builder,
+        watcher,
+        reject,
+    )
+    .await;
 }
 
 /// Serve HTTP on an established (plain or TLS) byte stream. The auto builder tells HTTP/2 from

@@ -55,13 +55,20 @@ pub(super) async fn try_serve(stream: TcpStream, app: &App, info: &ConnInfo) -> 
         Ok(0) | Err(_) => return Outcome::Served,
         Ok(n) => n,
     };
-    let Some((head_len, req)) = parse_head(&buf[..n]) else {
-        return Outcome::Hyper(stream);
+    // The request lives only in this block: held across the stream, its header map would stay
+    // allocated for as long as the stream (~640 B each, heaptrack). The router's future is boxed
+    // for the same reason: inline, its largest state would size every connection's task.
+    let decided = {
+        match parse_head(&buf[..n]) {
+            Some((head_len, req)) if !super::mux::owns(app, req.uri().path()) => {
+                Box::pin(router::answer(app, &req, info))
+                    .await
+                    .map(|resp| (head_len, resp))
+            }
+            _ => None,
+        }
     };
-    if super::mux::owns(app, req.uri().path()) {
-        return Outcome::Hyper(stream);
-    }
-    let Some(resp) = router::answer(app, &req, info).await else {
+    let Some((head_len, resp)) = decided else {
         return Outcome::Hyper(stream);
     };
     // Decided: take the head off the socket (it is all there: it was peeked whole).
@@ -130,33 +137,7 @@ async fn respond(
     kill: &CancellationToken,
 ) -> io::Result<()> {
     let (parts, mut body) = resp.into_parts();
-    let chunked = !parts.headers.contains_key(header::CONTENT_LENGTH);
-    let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(parts.status.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("Unknown")
-            .as_bytes(),
-    );
-    head.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    head.extend_from_slice(b"date: ");
-    head.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
-    head.extend_from_slice(b"\r\n");
-    if chunked {
-        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    // The stream is this connection's last response: say so, so no client queues another.
-    head.extend_from_slice(b"connection: close\r\n\r\n");
+    let (head, chunked) = response_head(parts);
     write_all(stream, &mut [IoSlice::new(&head)]).await?;
     drop(head);
 
@@ -203,6 +184,40 @@ async fn respond(
         write_all(stream, &mut [IoSlice::new(b"0\r\n\r\n")]).await?;
     }
     Ok(())
+}
+
+/// The status line and headers of `parts` as HTTP/1.1 bytes, and whether the body is chunked.
+/// Takes `parts` by value so the header map is freed once the head is written, not held by the
+/// stream's future for its whole life.
+fn response_head(parts: http::response::Parts) -> (Vec<u8>, bool) {
+    let chunked = !parts.headers.contains_key(header::CONTENT_LENGTH);
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(parts.status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("Unknown")
+            .as_bytes(),
+    );
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"date: ");
+    head.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+    head.extend_from_slice(b"\r\n");
+    if chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    // The stream is this connection's last response: say so, so no client queues another.
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    (head, chunked)
 }
 
 /// `<hex length>\r\n` in `buf`.
