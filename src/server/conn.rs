@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use super::tls::{self, Acceptor};
 use http::{header, HeaderValue, Response, StatusCode};
@@ -77,6 +77,13 @@ impl Conn {
                 } else {
                     match fast::try_serve(stream, &app, &info).await {
                         fast::Outcome::Served => return,
+                        // The stream gets its own small task and this one ends: its states
+                        // (the hyper path, the request) would size the stream's memory.
+                        fast::Outcome::Stream(s) => {
+                            let s = s.holding((watcher, permit));
+                            tokio::spawn(s.instrument(tracing::Span::current()));
+                            return;
+                        }
                         fast::Outcome::Hyper(stream) => stream,
                     }
                 };

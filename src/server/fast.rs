@@ -2,18 +2,23 @@
 //! (or the refusal of one) is served here, straight on the socket, instead of through hyper.
 //! hyper keeps a 16 KiB read buffer and an 8 KiB write buffer for as long as a connection lives;
 //! an idle stream needs neither, so this path holds only the socket, the response body and a few
-//! words of state. Anything else (HTTP/2, pass-through, herald's own endpoints, a request head
+//! words of state: once decided, the stream runs as its own small task (`StreamConn`, a
+//! hand-written future of a few hundred bytes) and the connection task ends. Anything else (HTTP/2, pass-through, herald's own endpoints, a request head
 //! that did not arrive in one piece) is left untouched for hyper: the head is only *peeked* until
 //! the router has decided, so nothing needs to be rewound.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, Version};
-use http_body_util::BodyExt;
+use http_body::Body;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use super::{router, App, ConnInfo, ResponseBody};
@@ -26,10 +31,18 @@ const MAX_HEADERS: usize = 48;
 /// A connection that sends nothing for this long is closed (hyper's header timeout is the same).
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Frames written in one poll before the stream yields to the other tasks on its thread (a long
+/// replay into a socket with room would otherwise hold the thread).
+const FRAMES_PER_POLL: usize = 32;
+/// Reads of unexpected client bytes in one poll before yielding (a client that keeps sending).
+const READS_PER_POLL: usize = 8;
+
 /// What became of a connection offered to the fast path.
 pub(super) enum Outcome {
-    /// Served here, to the end.
+    /// Answered or closed here: nothing more to do.
     Served,
+    /// A stream: the caller spawns it (holding whatever must live as long as the connection).
+    Stream(StreamConn),
     /// Not a stream: serve it with hyper (nothing was consumed).
     Hyper(TcpStream),
 }
@@ -86,12 +99,8 @@ pub(super) async fn try_serve(stream: TcpStream, app: &App, info: &ConnInfo) -> 
         }
     }
     drop(buf);
-    let open = app.metrics.connection(Protocol::h1, false);
-    if let Err(e) = respond(&stream, resp, &info.kill).await {
-        debug!(error = %e, "stream connection ended");
-    }
-    open.dec();
-    Outcome::Served
+    let open = OpenConn(app.metrics.connection(Protocol::h1, false));
+    Outcome::Stream(StreamConn::new(stream, resp, info.kill.clone(), open))
 }
 
 /// A complete, body-less HTTP/1.1 GET head in `bytes`: its length and the request it makes.
@@ -128,62 +137,216 @@ fn parse_head(bytes: &[u8]) -> Option<(usize, Request<()>)> {
     router::accepts_event_stream(req.headers()).then_some((len, req))
 }
 
-/// Write `resp` on the socket: the head, then the body as HTTP/1.1 chunks, each written as soon
-/// as it is produced. Ends when the body ends, the client goes away or herald closes the
-/// connection (`kill`: drain deadline, slow consumer).
-async fn respond(
-    stream: &TcpStream,
-    resp: Response<ResponseBody>,
-    kill: &CancellationToken,
-) -> io::Result<()> {
-    let (parts, mut body) = resp.into_parts();
-    let (head, chunked) = response_head(parts);
-    write_all(stream, &mut [IoSlice::new(&head)]).await?;
-    drop(head);
+/// The `connections_open` gauge of a fast-path connection, held until it closes.
+struct OpenConn(Gauge);
 
-    // Made once, not per event: each of these registers interest (the socket's read readiness,
-    // the token's waiter list) when first polled, and re-creating them for every event costs
-    // more than writing the event.
-    let gone = client_gone(stream);
-    let killed = kill.cancelled();
-    tokio::pin!(gone, killed);
-    loop {
-        let frame = tokio::select! {
-            biased;
-            f = body.frame() => f,
-            r = &mut gone => return r,
-            _ = &mut killed => return Ok(()),
-        };
-        let data: Bytes = match frame {
-            None => break,
-            // The body failed: end without the last chunk, so the client sees an incomplete
-            // response rather than a clean end.
-            Some(Err(e)) => return Err(io::Error::other(e)),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(d) if !d.is_empty() => d,
-                _ => continue,
-            },
-        };
-        if chunked {
-            let mut size = [0u8; 18];
-            let size = chunk_size(&mut size, data.len());
-            write_all(
-                stream,
-                &mut [
-                    IoSlice::new(size),
-                    IoSlice::new(&data),
-                    IoSlice::new(b"\r\n"),
-                ],
-            )
-            .await?;
-        } else {
-            write_all(stream, &mut [IoSlice::new(&data)]).await?;
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// One stream on its socket: writes the response head, then the body as HTTP/1.1 chunks, each as
+/// soon as it is produced, with one vectored write per frame. Ends when the body ends, the client
+/// goes away, or herald closes the connection (`kill`: drain deadline, slow consumer).
+///
+/// Hand-written rather than an `async fn`: a future is as large as its largest state, and the
+/// async version (select over the body, the client's EOF and the kill token, plus a write future)
+/// came to ~1.7 KiB per idle stream; this is a few hundred bytes.
+pub(super) struct StreamConn {
+    stream: TcpStream,
+    body: ResponseBody,
+    chunked: bool,
+    /// What is left to write of the current frame.
+    out: Pending,
+    /// The body has ended: once `out` is written, the stream is done.
+    finished: bool,
+    killed: Pin<Box<WaitForCancellationFutureOwned>>,
+    _open: OpenConn,
+    /// Whatever must live as long as the connection (its drain watcher and its place in the
+    /// connection budget).
+    held: Option<Box<dyn Send>>,
+}
+
+impl StreamConn {
+    fn new(
+        stream: TcpStream,
+        resp: Response<ResponseBody>,
+        kill: CancellationToken,
+        open: OpenConn,
+    ) -> Self {
+        let (parts, body) = resp.into_parts();
+        let (head, chunked) = response_head(parts);
+        StreamConn {
+            stream,
+            body,
+            chunked,
+            out: Pending::whole(Bytes::from(head)),
+            finished: false,
+            killed: Box::pin(kill.cancelled_owned()),
+            _open: open,
+            held: None,
         }
     }
-    if chunked {
-        write_all(stream, &mut [IoSlice::new(b"0\r\n\r\n")]).await?;
+
+    /// Keep `held` alive until the stream ends.
+    pub(super) fn holding(mut self, held: impl Send + 'static) -> Self {
+        self.held = Some(Box::new(held));
+        self
     }
-    Ok(())
+
+    /// Ready when the client has closed its side (or the socket failed). Bytes it sends
+    /// meanwhile (a pipelined request that will not be answered) are read and dropped.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut sink = [0u8; 64];
+        for _ in 0..READS_PER_POLL {
+            match self.stream.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => match self.stream.try_read(&mut sink) {
+                    Ok(0) => return Poll::Ready(()),
+                    // Read (and dropped) or readiness cleared: look again.
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Poll::Ready(()),
+                },
+            }
+        }
+        // Still sending: come back after the other tasks had their turn.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Write what is left of the current frame; ready when all of it is written.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]), IoSlice::new(&[]), IoSlice::new(&[])];
+            let n = self.out.slices(&mut slices);
+            // Write first and wait only when the socket is full: an idle stream's socket almost
+            // always has room, so this is one syscall per frame.
+            match self.stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(k) => self.out.advance(k),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.stream.poll_write_ready(cx))?
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Future for StreamConn {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.killed.as_mut().poll(cx).is_ready() || this.poll_gone(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        for _ in 0..FRAMES_PER_POLL {
+            match this.poll_flush(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    debug!(error = %e, "stream connection ended");
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            if this.finished {
+                return Poll::Ready(());
+            }
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    this.finished = true;
+                    if this.chunked {
+                        this.out = Pending::whole(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                }
+                // The body failed: end without the last chunk, so the client sees an incomplete
+                // response rather than a clean end.
+                Poll::Ready(Some(Err(e))) => {
+                    debug!(error = %e, "stream body failed");
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(d) if !d.is_empty() => {
+                        this.out = if this.chunked {
+                            Pending::chunk(d)
+                        } else {
+                            Pending::whole(d)
+                        }
+                    }
+                    _ => {}
+                },
+            }
+        }
+        // Many frames in a row (a replay): let the other tasks on this thread run.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// The unwritten rest of one frame: an optional chunk-size line, the data, an optional CRLF,
+/// written together with one vectored write.
+struct Pending {
+    size: [u8; 18],
+    size_len: u8,
+    data: Bytes,
+    crlf: bool,
+    /// Bytes of the whole already written.
+    done: usize,
+}
+
+impl Pending {
+    fn whole(data: Bytes) -> Self {
+        Pending {
+            size: [0; 18],
+            size_len: 0,
+            data,
+            crlf: false,
+            done: 0,
+        }
+    }
+
+    fn chunk(data: Bytes) -> Self {
+        let mut p = Pending::whole(data);
+        p.size_len = chunk_size(&mut p.size, p.data.len()).len() as u8;
+        p.crlf = true;
+        p
+    }
+
+    fn len(&self) -> usize {
+        self.size_len as usize + self.data.len() + if self.crlf { 2 } else { 0 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.done >= self.len()
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.done = (self.done + n).min(self.len());
+    }
+
+    /// The unwritten parts as slices, in order; returns how many.
+    fn slices<'a>(&'a self, out: &mut [IoSlice<'a>; 3]) -> usize {
+        let crlf: &'static [u8] = if self.crlf { b"\r\n" } else { b"" };
+        let parts: [&'a [u8]; 3] = [&self.size[..self.size_len as usize], &self.data, crlf];
+        let mut skip = self.done;
+        let mut n = 0;
+        for part in parts {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            out[n] = IoSlice::new(&part[skip..]);
+            skip = 0;
+            n += 1;
+        }
+        n
+    }
 }
 
 /// The status line and headers of `parts` as HTTP/1.1 bytes, and whether the body is chunked.
@@ -241,38 +404,6 @@ fn chunk_size(buf: &mut [u8; 18], len: usize) -> &[u8] {
     &buf[..count + 2]
 }
 
-/// Write every slice, in order, waiting for the socket as needed (one syscall per event when the
-/// socket has room).
-async fn write_all(stream: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
-    IoSlice::advance_slices(&mut slices, 0);
-    while !slices.is_empty() {
-        // Write first and wait only when the socket is full: an idle stream's socket almost
-        // always has room, so this is one syscall per event and no readiness bookkeeping.
-        match stream.try_write_vectored(slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Resolves when the client closes its side (or the socket fails). Bytes it sends meanwhile
-/// (a pipelined request we will not answer) are read and dropped.
-async fn client_gone(stream: &TcpStream) -> io::Result<()> {
-    let mut sink = [0u8; 64];
-    loop {
-        stream.readable().await?;
-        match stream.try_read(&mut sink) {
-            Ok(0) => return Ok(()),
-            Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +415,29 @@ mod tests {
         assert_eq!(chunk_size(&mut b, 255), b"ff\r\n");
         assert_eq!(chunk_size(&mut b, 4096), b"1000\r\n");
         assert_eq!(chunk_size(&mut b, usize::MAX), b"ffffffffffffffff\r\n");
+    }
+
+    /// Whatever a partial write took, the slices left are exactly the rest of the frame.
+    #[test]
+    fn partial_writes_resume_where_they_stopped() {
+        let whole = b"5\r\nhello\r\n";
+        for step in 1..=whole.len() {
+            let mut p = Pending::chunk(Bytes::from_static(b"hello"));
+            assert_eq!(p.len(), whole.len());
+            let mut done = 0;
+            while !p.is_empty() {
+                let mut slices = [IoSlice::new(&[]), IoSlice::new(&[]), IoSlice::new(&[])];
+                let n = p.slices(&mut slices);
+                let rest: Vec<u8> = slices[..n].iter().flat_map(|s| s.to_vec()).collect();
+                assert_eq!(rest, &whole[done..], "step {step}, done {done}");
+                p.advance(step);
+                done = (done + step).min(whole.len());
+            }
+        }
+        let p = Pending::whole(Bytes::from_static(b"head"));
+        let mut slices = [IoSlice::new(&[]), IoSlice::new(&[]), IoSlice::new(&[])];
+        assert_eq!(p.slices(&mut slices), 1);
+        assert_eq!(&*slices[0], b"head");
     }
 
     #[test]
