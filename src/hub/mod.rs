@@ -117,9 +117,13 @@ impl Event {
 
     /// The wire bytes of this event in `enc`, made by `make` the first time they are asked for.
     pub fn encoded(&self, enc: Encoding, make: impl FnOnce(&Event) -> Encoded) -> Encoded {
-        self.encoded[enc as usize]
-            .get_or_init(|| make(self))
-            .clone()
+        self.encoded_ref(enc, make).clone()
+    }
+
+    /// The same, borrowed: reading it (its length, say) touches no reference count, which every
+    /// watcher's thread would otherwise bump on the one shared allocation.
+    pub fn encoded_ref(&self, enc: Encoding, make: impl FnOnce(&Event) -> Encoded) -> &Encoded {
+        self.encoded[enc as usize].get_or_init(|| make(self))
     }
 
     /// Approximate memory held by the event, for history limits.

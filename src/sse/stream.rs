@@ -200,6 +200,15 @@ pub fn identity(ev: &Event) -> Bytes {
     .bytes
 }
 
+/// The length of `identity(ev)`, without taking a reference to the shared bytes.
+pub fn identity_len(ev: &Event) -> usize {
+    ev.encoded_ref(Encoding::Identity, |ev| {
+        Encoded::identity(encode::hub_event(ev))
+    })
+    .bytes
+    .len()
+}
+
 /// The SSE text of a hub event without its leading `id:` line: a view into the cached text, so
 /// no copy and no allocation.
 pub fn bare(ev: &Event) -> Bytes {
