@@ -90,7 +90,7 @@ impl Herald {
             config,
             hub,
             upstream,
-            streams: CancellationToken::new(),
+            streams: crate::shutdown::Flag::default(),
             mux: Default::default(),
             auth,
         });

@@ -14,7 +14,6 @@ use http_body_util::BodyExt;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::metrics::{Metrics, Protocol, RouteMetrics};
@@ -68,7 +67,7 @@ pub struct StreamLog {
     /// For the closing line (redacted then, so an idle stream holds no copy of its resource).
     topic: Arc<Topic>,
     slot: Arc<WatchSlot>,
-    shutdown: CancellationToken,
+    shutdown: crate::shutdown::Flag,
     started: Instant,
     bytes: u64,
     /// How the body ended: None while open or when the client went away first.
@@ -83,7 +82,7 @@ impl Metrics {
         sub: &Subscription,
         resumed: bool,
         cursor: Cursor,
-        shutdown: &CancellationToken,
+        shutdown: &crate::shutdown::Flag,
     ) -> StreamLog {
         let metrics = sub.topic.metrics().clone();
         metrics.streams_open.inc();

@@ -44,7 +44,7 @@ pub struct App {
     pub hub: Hub,
     pub upstream: Upstream,
     /// Cancelled when shutdown begins: every open stream sends its last event and ends.
-    pub streams: CancellationToken,
+    pub streams: crate::shutdown::Flag,
     /// Stream admission: new streams per second and open streams per client address.
     pub admission: Arc<admission::Admission>,
     /// Prometheus metrics (`admin::metrics`), shared with the hub and the admin listener.

@@ -36,7 +36,6 @@ use http_body::{Body, Frame, SizeHint};
 use rand::Rng;
 use serde::Serialize;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::encode;
 use super::stream::{Item, ItemSource, StreamClosed};
@@ -202,7 +201,7 @@ impl Registry {
 pub struct MuxOptions {
     pub retry: Duration,
     pub heartbeat: Duration,
-    pub shutdown: CancellationToken,
+    pub shutdown: crate::shutdown::Flag,
     pub shutdown_retry: Duration,
     pub max_watches: usize,
     /// The `Last-Event-ID` (or its query-string stand-in), unparsed.
@@ -237,7 +236,7 @@ pub struct MuxStream {
     prelude: Option<Bytes>,
     heartbeat: Duration,
     last_write: Instant,
-    shutdown: CancellationToken,
+    shutdown: crate::shutdown::Flag,
     shutdown_retry: Duration,
     done: bool,
 }

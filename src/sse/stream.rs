@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::encode;
 use crate::hub::{Cursor, Delivery, Encoded, Encoding, Event, StopReason, Subscription};
@@ -65,7 +64,7 @@ pub struct SseStream {
     heartbeat: Duration,
     last_write: Instant,
     /// Fires when herald shuts down: the stream sends `shutdown` and ends.
-    shutdown: CancellationToken,
+    shutdown: crate::shutdown::Flag,
     /// The `retry:` sent with the shutdown event (jittered per client).
     shutdown_retry: Duration,
     done: bool,
@@ -77,7 +76,7 @@ impl SseStream {
         cursor: Cursor,
         retry: Duration,
         heartbeat: Duration,
-        shutdown: CancellationToken,
+        shutdown: crate::shutdown::Flag,
         shutdown_retry: Duration,
     ) -> SseStream {
         SseStream {
