@@ -417,6 +417,15 @@ mod tests {
         assert_eq!(chunk_size(&mut b, usize::MAX), b"ffffffffffffffff\r\n");
     }
 
+    /// An idle stream's task is this future, most of what a stream costs (BENCHMARKS.md): keep
+    /// it from growing back into an async fn's worth of states.
+    #[test]
+    fn a_stream_task_stays_small() {
+        let size = std::mem::size_of::<StreamConn>();
+        eprintln!("StreamConn: {size} bytes");
+        assert!(size <= 256, "StreamConn is {size} bytes");
+    }
+
     /// Whatever a partial write took, the slices left are exactly the rest of the frame.
     #[test]
     fn partial_writes_resume_where_they_stopped() {
