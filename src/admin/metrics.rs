@@ -600,7 +600,12 @@ mod tests {
         let sum_ms: u64 = (0..20).sum::<u64>() * 1000;
         assert_eq!(h.total(SUM), sum_ms * 1_000_000);
         // Every observation is in exactly one bucket.
-        assert_eq!((0..=DELIVERY_BUCKETS.len()).map(|i| h.total(i)).sum::<u64>(), 20_000);
+        assert_eq!(
+            (0..=DELIVERY_BUCKETS.len())
+                .map(|i| h.total(i))
+                .sum::<u64>(),
+            20_000
+        );
     }
 
     #[test]
