@@ -519,3 +519,85 @@ async fn streams_per_credential_are_capped_across_addresses() {
     h.stop().await;
     up.stop().await;
 }
+
+/// A client that keeps sending bytes after its stream request (a pipelined request, garbage):
+/// herald reads and drops them without answering, the stream goes on delivering, herald does
+/// not spin on the input (other streams still get their changes), and the connection closes
+/// cleanly when the client goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_keeps_sending_after_its_request_still_gets_its_stream() {
+    let up = TestUpstream::start().await;
+    up.set_json("/a", json!({"n": 0}));
+    let h = start_herald(config(
+        &up.url(),
+        "[[route]]\npath = \"/a\"\ninterval = \"50ms\"\n",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    // The stream request and, in the same write, a pipelined request herald will not answer.
+    s.write_all(
+        b"GET /a HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\nGET /other HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    // Then 4 MB of garbage, as fast as herald takes it.
+    let flood = tokio::spawn(async move {
+        let junk = vec![b'x'; 64 * 1024];
+        for _ in 0..64 {
+            if wr.write_all(&junk).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    let mut watcher = SseClient::connect(&h.url("/a"), None).await;
+    let snapshot = watcher
+        .next_event(T)
+        .await
+        .expect("the other watcher's snapshot");
+    assert_eq!(snapshot.event, "snapshot");
+    let mut text = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + T;
+    for n in 1..=3u64 {
+        up.set_json("/a", json!({"n": n}));
+        // A change of a one-field document comes as a snapshot (smaller than the patch).
+        let needle = format!("\"n\":{n}");
+        while !String::from_utf8_lossy(&text).contains(&needle) {
+            let Ok(read) = tokio::time::timeout_at(deadline, rd.read(&mut buf)).await else {
+                panic!(
+                    "the flooding client got no n = {n}: {}",
+                    String::from_utf8_lossy(&text)
+                );
+            };
+            let k = read.unwrap();
+            assert!(
+                k > 0,
+                "herald closed the stream: {}",
+                String::from_utf8_lossy(&text)
+            );
+            text.extend_from_slice(&buf[..k]);
+        }
+        // A quiet client on the same topic is not held up by the flood.
+        let mut seen = false;
+        for _ in 0..10 {
+            let ev = watcher
+                .next_event(T)
+                .await
+                .expect("the other watcher's event");
+            if ev.data.contains(&needle) {
+                seen = true;
+                break;
+            }
+        }
+        assert!(seen, "the other watcher never saw n = {n}");
+    }
+    let text = String::from_utf8_lossy(&text).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // Exactly one response: the pipelined request got none.
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+    let wr = flood.await.unwrap();
+    drop((rd, wr));
+    h.stop().await;
+}
