@@ -1,5 +1,6 @@
 //! Shutdown signals: SIGINT or SIGTERM cancel one `CancellationToken`, from which every subsystem
-//! learns that herald is stopping. A second signal exits at once.
+//! learns that herald is stopping. A second signal exits at once. Streams read the drain through
+//! `Flag`, which the server sets when that token fires (a lock-free view of the same event).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -100,10 +100,8 @@ impl Conn {
                 .await;
             }
             Some(acceptor) => {
-                // Boxed whole: the handshake and the rustls stream (over 1 KiB) would otherwise
-                // be part of every connection's task, plain ones included (a future is as large
-                // as its largest state, and a value moved out still keeps its slot until its
-                // scope ends).
+                // Boxed whole, so the handshake's and the rustls stream's states are never part
+                // of a plain connection's task (a future is as large as its largest state).
                 Box::pin(serve_tls(
                     stream, acceptor, peer, kill, app, &builder, watcher, shutdown, reject,
                 ))

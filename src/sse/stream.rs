@@ -193,19 +193,18 @@ impl SseStream {
 
 /// The SSE text of a hub event, cached on the event so it is made once per topic.
 pub fn identity(ev: &Event) -> Bytes {
-    ev.encoded(Encoding::Identity, |ev| {
-        Encoded::identity(encode::hub_event(ev))
-    })
-    .bytes
+    identity_encoded(ev).bytes.clone()
 }
 
 /// The length of `identity(ev)`, without taking a reference to the shared bytes.
 pub fn identity_len(ev: &Event) -> usize {
+    identity_encoded(ev).bytes.len()
+}
+
+fn identity_encoded(ev: &Event) -> &Encoded {
     ev.encoded_ref(Encoding::Identity, |ev| {
         Encoded::identity(encode::hub_event(ev))
     })
-    .bytes
-    .len()
 }
 
 /// The SSE text of a hub event without its leading `id:` line: a view into the cached text, so
