@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use herald::sse::{encode, gzip};
+use herald::sse::gzip;
+use herald::wire as encode;
 use serde_json::{json, Value};
 
 /// Resident memory of this process in bytes (Linux), to see what per-client compressors keep.

@@ -1,25 +1,33 @@
 //! herald: a reverse proxy that turns a polled REST API into Server-Sent Events.
 //!
-//! Data flows one way, and each module imports only those before it:
+//! Data flows one way. Each module imports only modules above it in this list (the order is
+//! [`LAYERS`], and `tests/layering.rs` fails on any import that climbs it):
 //!
 //! ```text
-//! config ─► routes ─► upstream (pollers) ─► diff ─► hub (topics: state, history, fan-out)
-//!                                                      │
-//!                     server (HTTP/1.1 + HTTP/2) ◄─ sse (encode once, per-client stream)
-//!                        ├─ tls (rustls, ALPN h2/http1.1, certificate reload)
-//!                        └─ proxy (everything that is not a stream)
+//! telemetry, reply, wire, shutdown   bottom: metric handles (plain numbers), HTTP answers,
+//!                                    SSE framing, signals; they import nothing from herald
+//! config ─► error ─► routes          proxy.toml → validated Config → RouteTable, TopicKey
+//!   ─► source                        Source: feeds a topic's writer (poll; Origin = HTTP client)
+//!   ─► diff                          pure JSON diff: patches, no I/O
+//!   ─► hub                           writer (coalesce → diff → sequence) ─Broker─► channel
+//!                                    (history ring + watchers); MemoryBroker by default
+//!   ─► auth ─► reload                who may watch which topic; config reload
+//!   ─► sse                           one stream lifecycle; single / multiplexed events; gzip
+//!   ─► server                        listeners, TLS, stream-open phases, pass-through proxy
+//!   ─► admin ─► demo                 metrics, health, status page, reload endpoint; the demo
 //! ```
 //!
-//! `auth` sits between `hub` and `server`: before a stream joins a topic it decides who may watch
-//! it and which topic (credentials, sharing, checks, JWT), and it ends revoked streams.
+//! The two seams new wings plug into:
 //!
-//! `admin` watches from the side: its metric handles are one-line hooks in the hub, the poller,
-//! the stream and the connection; its own listener serves `/metrics`, health, the status page and
-//! `POST /reload`, which (like SIGHUP) swaps the route table (`routes::LiveRoutes`) under live
-//! streams.
+//! ```text
+//! trait Source: fn run(&self, target: Target, feed: Feed, cancel) -> BoxFuture<'static, ()>
+//!               (sends Update::{Document, Unchanged, Failed(SourceError)} through `feed`)
+//! trait Broker: attach(id, &channel) · detach(id, &channel) · lead(id) -> Lease
+//!               publish(id, &lease, Draft) -> Position · history(id, since) -> Replay
+//! ```
 //!
-//! `main.rs` parses arguments, loads the config and calls [`Herald::serve`]; tests bind
-//! `127.0.0.1:0` themselves and do the same.
+//! `main.rs` parses arguments, loads the config and calls [`run`]; tests bind `127.0.0.1:0`
+//! themselves and use [`Herald`].
 
 pub mod admin;
 pub mod auth;
@@ -28,11 +36,15 @@ pub mod demo;
 pub mod diff;
 pub mod error;
 pub mod hub;
+pub mod reload;
+pub mod reply;
 pub mod routes;
 pub mod server;
 pub mod shutdown;
+pub mod source;
 pub mod sse;
-pub mod upstream;
+pub mod telemetry;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,16 +56,39 @@ use tokio_util::task::TaskTracker;
 pub use config::Config;
 pub use error::{Error, Result};
 
+/// The module order data flows in: a module may import only those listed before it.
+/// `tests/layering.rs` checks every `crate::` path in `src/` against it.
+pub const LAYERS: &[&str] = &[
+    "telemetry",
+    "reply",
+    "wire",
+    "shutdown",
+    "config",
+    "error",
+    "routes",
+    "source",
+    "diff",
+    "hub",
+    "auth",
+    "reload",
+    "sse",
+    "server",
+    "admin",
+    "demo",
+];
+
 /// A configured herald, ready to serve on a listener.
 pub struct Herald {
-    app: Arc<server::App>,
-    /// Stops pollers and maintenance once the listener has drained.
+    service: Arc<server::Service>,
+    /// Stops writers and maintenance once the listener has drained.
     background: CancellationToken,
     tracker: TaskTracker,
     /// The `[tls]` certificate, loaded and watched for changes; `serve` listens with it.
     tls: Option<server::tls::Acceptor>,
     /// Metrics, health, status page and reload (`[admin]`).
     admin: Arc<admin::Admin>,
+    /// `[admin] listen`, if configured.
+    admin_addr: Option<std::net::SocketAddr>,
     /// The `[admin]` listener once bound (`bind_admin`), until `serve` takes it.
     admin_listener: Option<TcpListener>,
 }
@@ -68,49 +103,68 @@ impl Herald {
             .as_ref()
             .map(server::tls::Acceptor::from_files)
             .transpose()?;
-        let upstream = upstream::Upstream::new(&config)?;
+        let origin = source::Origin::new(&config)?;
         let background = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let metrics = Arc::new(admin::metrics::Metrics::new());
+        let metrics = Arc::new(telemetry::Metrics::new());
+        let broker: Arc<dyn hub::Broker> = Arc::new(hub::MemoryBroker::default());
+        let source: Arc<dyn source::Source> = Arc::new(source::Poller::new(origin.clone()));
         let hub = hub::Hub::new(
-            &config,
-            upstream.clone(),
+            hub::HubSettings::from(&config.sse),
+            broker,
+            source,
+            metrics.clone(),
             background.clone(),
             tracker.clone(),
-            metrics.clone(),
         );
         tracker.spawn(hub.clone().run_maintenance(background.clone()));
-        // One task serves every stream's re-checks and token deadlines.
-        let auth = auth::Auth::new(upstream.clone());
-        tracker.spawn(auth.clone().run(background.clone()));
-        let app = Arc::new(server::App {
-            routes: routes::LiveRoutes::new(routes::RouteTable::new(&config.routes)),
-            metrics,
-            admission: server::admission::Admission::new(&config.server),
-            config,
-            hub,
-            upstream,
-            streams: crate::shutdown::Flag::default(),
-            mux: Default::default(),
-            auth,
-        });
-        let admin = admin::Admin::new(app.clone(), background.clone());
-        // SIGHUP reloads the certificate (if any) and the config, through one signal listener.
-        let on_hangup = admin::reload::on_hangup(&admin, &tracker);
-        match &tls {
-            Some(acceptor) => tracker.spawn(
-                acceptor
-                    .clone()
-                    .watch_with(background.clone(), Some(on_hangup)),
-            ),
-            None => tracker.spawn(server::tls::ignore_hangup(
-                background.clone(),
-                Some(on_hangup),
-            )),
+        let key = match &config.cluster.secret {
+            Some(secret) => auth::VaryKey::from_secret(secret.0.as_bytes()),
+            None => auth::VaryKey::random(),
         };
+        // One task serves every stream's re-checks and token deadlines.
+        let auth = auth::Auth::new(origin.clone(), key);
+        tracker.spawn(auth.clone().run(background.clone()));
+        let routes = Arc::new(routes::LiveRoutes::new(routes::RouteTable::new(
+            &config.routes,
+        )));
+        let shutdown = shutdown::Flag::default();
+        let service = Arc::new(server::Service {
+            routes: routes.clone(),
+            hub: hub.clone(),
+            auth,
+            origin,
+            streams: server::Streams::new(&config.sse, shutdown),
+            mux: server::mux::Endpoints::new(&config.mux),
+            cors: config.cors.clone(),
+            proxy: config.proxy.clone(),
+            compression: config.compression.clone(),
+            admission: server::admission::Admission::new(&config.server),
+            metrics: metrics.clone(),
+            connections: server::Connections::from(&config.server),
+        });
+        let reloader = Arc::new(reload::Reloader::new(
+            config.clone(),
+            routes.clone(),
+            hub.clone(),
+            metrics.clone(),
+        ));
+        let stats = admin::Stats {
+            hub,
+            routes,
+            metrics,
+        };
+        let admin = admin::Admin::new(stats, reloader.clone(), background.clone());
+        // SIGHUP, heard once: the certificate watcher and the config reload both follow it.
+        let hangups = shutdown::Hangups::listen(background.clone());
+        tracker.spawn(reloader.on_hangups(hangups.clone(), background.clone()));
+        if let Some(acceptor) = &tls {
+            tracker.spawn(acceptor.clone().watch(background.clone(), hangups));
+        }
         Ok(Herald {
-            app,
+            service,
             admin,
+            admin_addr: config.admin.as_ref().map(|a| a.listen),
             admin_listener: None,
             background,
             tracker,
@@ -120,7 +174,7 @@ impl Herald {
 
     /// The topic registry (for inspection: tests, status).
     pub fn hub(&self) -> &hub::Hub {
-        &self.app.hub
+        &self.service.hub
     }
 
     /// Metrics, readiness and config reload (`admin`): the admin listener serves these.
@@ -128,17 +182,38 @@ impl Herald {
         &self.admin
     }
 
+    /// The topic a stream request for `path_and_query` with `headers` would join (after access
+    /// checks), for inspection: the same key on every node given the same config and secret.
+    pub async fn topic_for(
+        &self,
+        path_and_query: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<routes::TopicKey> {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let (route, key) = self.service.routes.resolve(path, query).ok()??;
+        let grant = self
+            .service
+            .auth
+            .authorize(&route, key, headers, query)
+            .await
+            .ok()?;
+        Some(grant.key)
+    }
+
     /// Bind the `[admin]` listener now, so that its address is known before serving (tests use
     /// `127.0.0.1:0`); `serve` binds it otherwise. None without `[admin]`.
     pub async fn bind_admin(&mut self) -> Result<Option<std::net::SocketAddr>> {
         if self.admin_listener.is_none() {
-            let Some(cfg) = &self.app.config.admin else {
+            let Some(addr) = self.admin_addr else {
                 return Ok(None);
             };
-            let listener = TcpListener::bind(cfg.listen)
+            let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| Error::Listen {
-                    addr: cfg.listen.to_string(),
+                    addr: addr.to_string(),
                     source,
                 })?;
             self.admin_listener = Some(listener);
@@ -156,7 +231,7 @@ impl Herald {
 
     /// Serve on `listener` (with the `[tls]` certificate if configured, plain HTTP otherwise)
     /// until `shutdown` fires; then drain streams and requests (within the configured deadline)
-    /// and stop every poller before returning.
+    /// and stop every writer before returning.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
         let listener = server::Listener {
             tcp: listener,
@@ -178,7 +253,7 @@ impl Herald {
                 .spawn(self.admin.clone().serve(l, shutdown.clone()));
         }
         self.admin.set_ready(true);
-        server::serve(listeners, self.app.clone(), shutdown).await;
+        server::serve(listeners, self.service.clone(), shutdown).await;
         self.admin.set_ready(false);
         self.background.cancel();
         self.tracker.close();

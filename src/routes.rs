@@ -12,26 +12,89 @@ use crate::config::{self, Segment};
 const MAX_TOPIC_QUERY: usize = 2048;
 
 /// A streamable route and its id: its position in the config at startup; a route added or changed
-/// by a reload gets a new id, one never used before in this run (`LiveRoutes`).
+/// by a reload gets a new id, one never used before in this run (`LiveRoutes`). The id tells
+/// route versions apart within a process; topics are named by the route's template instead, which
+/// every node and every reload agree on.
 #[derive(Debug)]
 pub struct Route {
     pub index: usize,
+    /// The path template as written (`/api/builds/{id}`): the route's name in topic keys, metrics
+    /// and logs.
+    pub template: Arc<str>,
     pub config: config::Route,
     /// Set when a reload removed or changed this route: a stream that resolved it just before the
     /// swap is ended at once instead of living on with the old settings (`Hub::subscribe`).
     pub retired: AtomicBool,
 }
 
-/// The identity of one upstream resource as watched: same key, same poller and history.
+impl Route {
+    pub fn new(index: usize, config: config::Route) -> Route {
+        Route {
+            index,
+            template: config.template.source.as_str().into(),
+            config,
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// A reload removed or changed this route.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Mark the route removed or changed by a reload (see `retired`).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+}
+
+/// The identity of one upstream resource as watched: same key, same poller and history. Made
+/// only of what every herald node derives alike from the same request and config, so nodes agree
+/// on a topic (`TopicKey::id`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TopicKey {
-    /// Which route matched.
-    pub route: usize,
+    /// The template of the route that matched.
+    pub route: Arc<str>,
     /// The upstream path and canonical query, e.g. `/api/builds/42?page=2`.
     pub resource: Arc<str>,
     /// Keyed hash of the credentials the topic is polled with, set by `auth` (0: a public topic,
-    /// or a client without credentials).
+    /// or a client without credentials). Keyed with the configured secret when there is one, so
+    /// it is the same on every node.
     pub vary: u64,
+}
+
+impl TopicKey {
+    /// The topic's stable name: a digest of route template, resource and vary key, the same on
+    /// every node and across restarts (given the same credential secret). Shared brokers key
+    /// their streams by it; it reveals neither the resource nor the credentials.
+    pub fn id(&self) -> TopicId {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [self.route.as_bytes(), self.resource.as_bytes()] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        ctx.update(&self.vary.to_be_bytes());
+        let digest = ctx.finish();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest.as_ref()[..16]);
+        TopicId(id)
+    }
+}
+
+/// A topic's stable name (see [`TopicKey::id`]), shown as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicId(pub [u8; 16]);
+
+impl std::fmt::Display for TopicId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl std::fmt::Debug for TopicId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TopicId({self})")
+    }
 }
 
 /// Why a request on a stream route cannot be a stream.
@@ -56,13 +119,7 @@ impl RouteTable {
             routes: routes
                 .iter()
                 .enumerate()
-                .map(|(index, r)| {
-                    Arc::new(Route {
-                        index,
-                        config: r.clone(),
-                        retired: AtomicBool::new(false),
-                    })
-                })
+                .map(|(index, r)| Arc::new(Route::new(index, r.clone())))
                 .collect(),
         }
     }
@@ -100,7 +157,7 @@ impl RouteTable {
                 let query = stripped.as_deref().or(query);
                 let resource = build_resource(path, query, &route.config.query, reject)?;
                 let key = TopicKey {
-                    route: route.index,
+                    route: route.template.clone(),
                     resource: resource.into(),
                     vary: 0,
                 };

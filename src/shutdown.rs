@@ -1,10 +1,12 @@
-//! Shutdown signals: SIGINT or SIGTERM cancel one `CancellationToken`, from which every subsystem
-//! learns that herald is stopping. A second signal exits at once. Streams read the drain through
-//! `Flag`, which the server sets when that token fires (a lock-free view of the same event).
+//! Process signals, each heard in one place: SIGINT or SIGTERM cancel one `CancellationToken`,
+//! from which every subsystem learns that herald is stopping (a second one exits at once); SIGHUP
+//! is counted in [`Hangups`], which the certificate watcher and the config reload both follow.
+//! Streams read the drain through `Flag`, a lock-free view of the same event.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -59,4 +61,54 @@ async fn wait_for_signal() {
 #[cfg(not(unix))]
 async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// SIGHUPs received so far, as a watch: every subscriber sees each new one (or, if it was busy,
+/// at least the latest), however many follow.
+#[derive(Debug, Clone)]
+pub struct Hangups(watch::Receiver<u64>);
+
+impl Hangups {
+    /// Take SIGHUP from now on (the handler is in place when this returns, so a SIGHUP can no
+    /// longer kill the process) until `cancel`. Without a handler (not Unix, or refused), no
+    /// hangup ever arrives.
+    pub fn listen(cancel: CancellationToken) -> Hangups {
+        let (tx, rx) = watch::channel(0u64);
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::hangup()) {
+                Ok(mut hup) => {
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                r = hup.recv() => match r {
+                                    Some(()) => tx.send_modify(|n| *n += 1),
+                                    None => return,
+                                },
+                            }
+                        }
+                    });
+                }
+                Err(e) => warn!(error = %e, "cannot listen for SIGHUP; reload with POST /reload"),
+            }
+        }
+        #[cfg(not(unix))]
+        drop((tx, cancel));
+        Hangups(rx)
+    }
+
+    /// Hangups that never come (tests, embedders that reload otherwise).
+    pub fn none() -> Hangups {
+        let (_tx, rx) = watch::channel(0u64);
+        Hangups(rx)
+    }
+
+    /// Resolves at the next SIGHUP; never, when there is no signal listener.
+    pub async fn next(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }

@@ -75,10 +75,10 @@ async fn stop(shutdown: CancellationToken, join: JoinHandle<herald::Result<()>>)
 
 fn watchers(hub: &herald::hub::Hub, id: u64) -> usize {
     let resource = format!("/api/builds/{id}");
-    hub.topics_snapshot()
+    hub.topics_info()
         .iter()
-        .filter(|t| *t.key.resource == *resource)
-        .map(|t| t.watcher_count())
+        .filter(|t| t.resource == resource)
+        .map(|t| t.watchers)
         .sum()
 }
 

@@ -22,7 +22,7 @@ fn cfg(sse: &str, extra: &str) -> String {
 
 fn key(path: &str) -> TopicKey {
     TopicKey {
-        route: 0,
+        route: "/api/t/{id}".into(),
         resource: path.into(),
         vary: 0,
     }
@@ -133,11 +133,13 @@ async fn idle_client_that_disconnects_frees_its_watcher_at_once() {
     let mut raw = RawStream::open(h.addr, "/api/t/1").await;
     raw.read_until(0, b"event: snapshot\n", T).await;
     let topic = h.hub.topic(&key("/api/t/1")).expect("topic is live");
-    assert_eq!(topic.watcher_count(), 1);
+    assert_eq!(topic.channel.watcher_count(), 1);
     drop(raw);
     let closed = Instant::now();
     assert!(
-        eventually(Duration::from_secs(2), || topic.watcher_count() == 0).await,
+        eventually(Duration::from_secs(2), || topic.channel.watcher_count()
+            == 0)
+        .await,
         "an idle closed connection was not noticed"
     );
     let noticed = closed.elapsed();
@@ -149,9 +151,13 @@ async fn idle_client_that_disconnects_frees_its_watcher_at_once() {
     // The same through a client library that drops the response mid-stream.
     let client = reqwest::Client::new();
     let c = subscribed(&client, &h.url("/api/t/1")).await;
-    assert_eq!(topic.watcher_count(), 1);
+    assert_eq!(topic.channel.watcher_count(), 1);
     drop(c);
-    assert!(eventually(Duration::from_millis(500), || topic.watcher_count() == 0).await);
+    assert!(
+        eventually(Duration::from_millis(500), || topic.channel.watcher_count()
+            == 0)
+        .await
+    );
     assert_eq!(
         h.hub.topic_count(),
         1,
@@ -182,7 +188,7 @@ async fn dropped_streams_close_their_topics_and_stop_polling() {
     assert_eq!(h.hub.topic_count(), 10);
     for p in &paths {
         let t = h.hub.topic(&key(p)).expect("topic");
-        assert_eq!(t.watcher_count(), 20, "{p}");
+        assert_eq!(t.channel.watcher_count(), 20, "{p}");
     }
 
     drop(streams);
@@ -426,10 +432,12 @@ async fn h2_stream_reset_frees_its_watcher() {
         streams.push(c);
     }
     let topic = h.hub.topic(&key("/api/t/1")).expect("topic");
-    assert_eq!(topic.watcher_count(), 3);
+    assert_eq!(topic.channel.watcher_count(), 3);
     streams.pop();
     assert!(
-        eventually(Duration::from_millis(500), || topic.watcher_count() == 2).await,
+        eventually(Duration::from_millis(500), || topic.channel.watcher_count()
+            == 2)
+        .await,
         "an HTTP/2 stream reset did not free its watcher"
     );
     // The others on the same connection are still live.
@@ -440,7 +448,11 @@ async fn h2_stream_reset_frees_its_watcher() {
         assert_eq!(state, Some(json!({"v": 2})));
     }
     drop(streams);
-    assert!(eventually(Duration::from_millis(500), || topic.watcher_count() == 0).await);
+    assert!(
+        eventually(Duration::from_millis(500), || topic.channel.watcher_count()
+            == 0)
+        .await
+    );
 
     drop(topic);
     h.stop().await;

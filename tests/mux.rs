@@ -97,7 +97,10 @@ impl Mux {
 fn positions(id: &str) -> Vec<(u32, u64)> {
     id.split('~')
         .map(|p| {
-            herald::hub::parse_event_id(p).unwrap_or_else(|| panic!("bad position {p:?} in {id:?}"))
+            p.parse::<herald::hub::Position>()
+                .ok()
+                .map(|p| (p.epoch, p.seq))
+                .unwrap_or_else(|| panic!("bad position {p:?} in {id:?}"))
         })
         .collect()
 }
@@ -158,7 +161,7 @@ async fn one_stream_carries_every_watched_topic() {
             .topics_snapshot()
             .into_iter()
             .find(|t| *t.key.resource == format!("/api/builds/{id}"));
-        assert_eq!(topic.expect("topic").watcher_count(), 1);
+        assert_eq!(topic.expect("topic").channel.watcher_count(), 1);
     }
     drop(m);
     h.stop().await;
@@ -217,7 +220,7 @@ async fn watches_change_on_a_live_stream() {
         .into_iter()
         .find(|t| &*t.key.resource == "/api/builds/1")
         .expect("topic 1");
-    assert!(eventually(T, || topic1.watcher_count() == 0).await);
+    assert!(eventually(T, || topic1.channel.watcher_count() == 0).await);
     up.set_json("/api/builds/1", build(1, 1));
     up.set_json("/api/builds/2", build(2, 1));
     let evs = m.until(&[("/api/builds/2", build(2, 1))]).await;

@@ -38,7 +38,10 @@ fn id_parts(ev: &SseEvent) -> (u32, u64) {
         .id
         .as_deref()
         .unwrap_or_else(|| panic!("event without id: {ev:?}"));
-    herald::hub::parse_event_id(id).unwrap_or_else(|| panic!("malformed id {id:?}"))
+    id.parse::<herald::hub::Position>()
+        .ok()
+        .map(|p| (p.epoch, p.seq))
+        .unwrap_or_else(|| panic!("malformed id {id:?}"))
 }
 
 /// Ids carry one incarnation and strictly growing seqs.
@@ -211,12 +214,15 @@ async fn unknown_garbage_or_too_old_ids_get_a_fresh_snapshot() {
     }
     let head = obs.last_id();
     let (_, head_seq) = id_parts(obs.events.last().expect("events"));
-    let other_incarnation = format!("{}-{}", herald::hub::topic::base36(u64::from(inc ^ 2)), "a");
-    let future = format!(
-        "{}-{}",
-        herald::hub::topic::base36(u64::from(inc)),
-        herald::hub::topic::base36(head_seq + 5)
+    let other_incarnation = format!(
+        "{}-a",
+        herald::hub::Position::new(inc ^ 2, 0)
+            .to_string()
+            .split('-')
+            .next()
+            .unwrap()
     );
+    let future = herald::hub::Position::new(inc, head_seq + 5).to_string();
 
     let ids = [
         too_old.as_str(),
@@ -312,7 +318,11 @@ async fn id_from_an_expired_topic_gets_a_fresh_snapshot() {
     assert_eq!(fresh.json()["data"], doc(2));
     assert_ne!(
         id_parts(&fresh).0,
-        herald::hub::parse_event_id(&old).expect("id").0
+        old.parse::<herald::hub::Position>()
+            .ok()
+            .map(|p| (p.epoch, p.seq))
+            .expect("id")
+            .0
     );
 
     drop(c);
@@ -388,21 +398,25 @@ async fn reconnect_within_grace_replays_with_no_other_watcher() {
     let mut state = None;
     apply_event(&mut state, &a.expect_event("snapshot", T).await);
     let last = a.last_event_id().expect("an id");
-    let (_, last_seq) = herald::hub::parse_event_id(&last).expect("id");
+    let (_, last_seq) = last
+        .parse::<herald::hub::Position>()
+        .ok()
+        .map(|p| (p.epoch, p.seq))
+        .expect("id");
     drop(a);
     let key = herald::routes::TopicKey {
-        route: 0,
+        route: "/api/builds/{id}".into(),
         resource: PATH.into(),
         vary: 0,
     };
     let topic = h.hub.topic(&key).expect("topic");
-    assert!(eventually(T, || topic.watcher_count() == 0).await);
+    assert!(eventually(T, || topic.channel.watcher_count() == 0).await);
 
     for n in 1..=4 {
         up.set_json(PATH, doc(n));
         let want = last_seq + n;
         assert!(
-            eventually(T, || topic.head() == want).await,
+            eventually(T, || topic.channel.head().seq == want).await,
             "change {n} published"
         );
     }

@@ -4,8 +4,8 @@
 
 use http::{Response, StatusCode};
 
-use super::{text, Admin};
-use crate::server::ResponseBody;
+use super::Admin;
+use crate::reply::{text, ResponseBody};
 
 /// 200 whenever the admin listener can answer at all.
 pub fn healthz() -> Response<ResponseBody> {
@@ -17,8 +17,8 @@ pub fn readyz(admin: &Admin) -> Response<ResponseBody> {
     let ready = admin.is_ready();
     let body = serde_json::json!({
         "ready": ready,
-        "routes": admin.app.routes.current().len(),
-        "topics": admin.app.hub.topic_count(),
+        "routes": admin.stats.routes.current().len(),
+        "topics": admin.stats.hub.topic_count(),
     });
     let status = if ready {
         StatusCode::OK

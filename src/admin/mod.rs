@@ -1,22 +1,17 @@
 //! The operator's side of herald, on its own listener (`[admin] listen`): Prometheus `/metrics`,
 //! `/healthz` and `/readyz`, a live status page (fed over SSE by this same listener), and
-//! `POST /reload`. Reads the running `App`; the request path never depends on this module
-//! except through the cheap metric hooks (`metrics`, `observe`).
+//! `POST /reload`. It only serves: what it shows comes through a stats handle (hub, routes,
+//! metrics) and reloads go to the `Reloader`; nothing below imports it.
 
 pub mod health;
-pub mod metrics;
-pub mod observe;
-pub mod reload;
 pub mod status;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,26 +21,32 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::Config;
-use crate::server::{json_error, App, ResponseBody};
-use metrics::Metrics;
+use crate::hub::Hub;
+use crate::reload::Reloader;
+use crate::reply::{json_error, text, ResponseBody};
+use crate::routes::LiveRoutes;
+use crate::telemetry::Metrics;
 
 /// Admin connections at most: operators and scrapers, not clients.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
-/// The admin listener's state: what it reads (the app) and what it owns (readiness, the running
-/// config for reloads).
+/// What the status page and `/readyz` read: the hub's topics, the routes in force, the metrics.
+#[derive(Clone)]
+pub struct Stats {
+    pub hub: Hub,
+    pub routes: Arc<LiveRoutes>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The admin listener's state: what it reads (`Stats`), what it asks (`Reloader`), what it owns
+/// (readiness).
 pub struct Admin {
     pub metrics: Arc<Metrics>,
-    app: Arc<App>,
+    stats: Stats,
+    reloader: Arc<Reloader>,
     /// Listeners bound and serving, and not draining (`/readyz`).
     ready: AtomicBool,
     started: SystemTime,
-    /// The config in force: startup settings, with routes as last reloaded; the base of the next
-    /// reload's comparison.
-    running: Mutex<Arc<Config>>,
-    /// One reload at a time (SIGHUP and `POST /reload` may race).
-    reloading: Mutex<()>,
     /// Ends status streams and admin connections once herald has drained.
     stop: CancellationToken,
 }
@@ -59,16 +60,20 @@ impl std::fmt::Debug for Admin {
 }
 
 impl Admin {
-    pub fn new(app: Arc<App>, stop: CancellationToken) -> Arc<Admin> {
+    pub fn new(stats: Stats, reloader: Arc<Reloader>, stop: CancellationToken) -> Arc<Admin> {
         Arc::new(Admin {
-            metrics: app.metrics.clone(),
-            running: Mutex::new(app.config.clone()),
-            app,
+            metrics: stats.metrics.clone(),
+            stats,
+            reloader,
             ready: AtomicBool::new(false),
             started: SystemTime::now(),
-            reloading: Mutex::new(()),
             stop,
         })
+    }
+
+    /// The config reload behind `POST /reload` (and SIGHUP).
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -81,7 +86,7 @@ impl Admin {
 
     /// The path templates of the stream routes in force, in match order.
     pub fn app_routes(&self) -> Vec<String> {
-        let table = self.app.routes.current();
+        let table = self.stats.routes.current();
         table
             .routes()
             .iter()
@@ -160,7 +165,7 @@ impl Admin {
         let path = req.uri().path();
         match (req.method(), path) {
             (&Method::GET | &Method::HEAD, "/metrics") => {
-                self.metrics.set_topics_alive(self.app.hub.topic_count());
+                self.metrics.set_topics_alive(self.stats.hub.topic_count());
                 text(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -181,9 +186,9 @@ impl Admin {
             ),
             (&Method::GET, "/status/events") => status::events(self.clone()),
             (&Method::POST, "/reload") => {
-                let admin = self.clone();
+                let reloader = self.reloader.clone();
                 // Reading and checking the file blocks; keep it off the async workers.
-                let result = tokio::task::spawn_blocking(move || admin.reload()).await;
+                let result = tokio::task::spawn_blocking(move || reloader.reload()).await;
                 match result {
                     Ok(Ok(report)) => text(
                         StatusCode::OK,
@@ -208,19 +213,4 @@ impl Admin {
             _ => json_error(StatusCode::NOT_FOUND, "not-found", "no such admin endpoint"),
         }
     }
-}
-
-/// A complete response with `content_type`.
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ResponseBody> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|e| match e {})
-            .boxed_unsync(),
-    );
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
 }

@@ -13,10 +13,9 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde::Serialize;
 
-use super::observe::redact;
 use super::Admin;
-use crate::hub::Topic;
-use crate::server::ResponseBody;
+use crate::hub::TopicInfo;
+use crate::reply::ResponseBody;
 
 /// The page itself.
 pub const PAGE: &str = include_str!("status.html");
@@ -27,48 +26,13 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// Topics listed at most (the busiest first): the page stays small with 100k topics.
 const MAX_TOPICS_SHOWN: usize = 100;
 
-/// One topic as the status page shows it (read under the topic's lock by `Topic::info`).
-#[derive(Debug, Clone, Serialize)]
-pub struct TopicInfo {
-    pub route: usize,
-    /// The resource, credential-like query values hidden.
-    pub resource: String,
-    pub watchers: usize,
-    pub seq: u64,
-    /// RFC 3339, when the upstream state last changed.
-    pub last_change: String,
-    /// Seconds since then.
-    pub age_s: f64,
-    pub failing: bool,
-}
-
-impl TopicInfo {
-    pub fn new(
-        topic: &Topic,
-        watchers: usize,
-        seq: u64,
-        changed_at: SystemTime,
-        failing: bool,
-    ) -> TopicInfo {
-        TopicInfo {
-            route: topic.key.route,
-            resource: redact(&topic.key.resource),
-            watchers,
-            seq,
-            last_change: humantime::format_rfc3339_millis(changed_at).to_string(),
-            age_s: changed_at.elapsed().map_or(0.0, |d| d.as_secs_f64()),
-            failing,
-        }
-    }
-}
-
 #[derive(Debug, Serialize)]
 pub struct RouteStatus {
     pub route: String,
     pub streams: i64,
     pub topics: usize,
     pub failing_topics: usize,
-    pub upstream: super::metrics::UpstreamHealth,
+    pub upstream: crate::telemetry::UpstreamHealth,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,15 +52,14 @@ pub struct Status {
 
 /// The whole status, as `/status.json` and each `status` event carry it.
 pub fn snapshot(admin: &Admin) -> Status {
-    let topics: Vec<Arc<Topic>> = admin.app.hub.topics_snapshot();
-    let mut infos: Vec<TopicInfo> = topics.iter().map(|t| t.info()).collect();
-    let table = admin.app.routes.current();
+    let mut infos: Vec<TopicInfo> = admin.stats.hub.topics_info();
+    let table = admin.stats.routes.current();
     let routes: Vec<RouteStatus> = table
         .routes()
         .iter()
         .map(|r| {
-            let m = admin.metrics.route(&r.config.template.source);
-            let mine = infos.iter().filter(|t| t.route == r.index);
+            let m = admin.metrics.route(&r.template);
+            let mine = infos.iter().filter(|t| *t.route == *r.template);
             let (topics, failing) =
                 mine.fold((0, 0), |(n, f), t| (n + 1, f + usize::from(t.failing)));
             RouteStatus {

@@ -1,6 +1,7 @@
 //! A client's credentials: read from its cookies, `Authorization` header, other named headers or
 //! the route's `access_token` query parameter, reduced to exactly the headers herald forwards, and
-//! hashed with a per-process random HMAC key so topic keys, logs and metrics never hold them.
+//! hashed with an HMAC key (the configured secret, or a random one per process) so topic keys,
+//! logs and metrics never hold them.
 
 use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue};
@@ -12,12 +13,25 @@ use crate::routes::percent_decode;
 /// Longest credential value herald forwards (a header value; cookies and JWTs fit well within).
 const MAX_VALUE: usize = 16 * 1024;
 
-/// Hashes credentials with a key drawn at startup: equal credentials give equal hashes within
-/// this process, and nobody without the key can tell anything about a credential from its hash.
-pub(crate) struct VaryKey(hmac::Key);
+/// Hashes credentials with a secret key: equal credentials give equal hashes wherever the key is
+/// the same (every node of a cluster given one secret), and nobody without the key can tell
+/// anything about a credential from its hash.
+pub struct VaryKey(hmac::Key);
+
+impl std::fmt::Debug for VaryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VaryKey(…)")
+    }
+}
 
 impl VaryKey {
-    pub(crate) fn random() -> VaryKey {
+    /// A key derived from a configured secret (`[cluster] secret`, `HERALD_CLUSTER_SECRET`).
+    pub fn from_secret(secret: &[u8]) -> VaryKey {
+        VaryKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
+    }
+
+    /// A key drawn at startup: hashes agree within this process only.
+    pub fn random() -> VaryKey {
         let rng = ring::rand::SystemRandom::new();
         // Generating an HMAC key only fails when the OS has no randomness source; fall back to
         // the (randomly seeded) std hasher's keys so herald still never uses a fixed key.

@@ -8,7 +8,7 @@
 //! `WatchSlot` (a final `event: error`). Upstream 401/403 on a per-credential topic end its
 //! watchers in the hub (`Topic`), since every watcher there holds the refused credential.
 //!
-//! Depends on config, routes, upstream (the shared client) and hub (`WatchSlot`); the server
+//! Depends on config, routes, source (the shared client) and hub (`WatchSlot`); the server
 //! calls it, never the reverse.
 
 mod check;
@@ -31,10 +31,10 @@ use crate::config::auth::{default_vary, AccessCheck, RouteAuth, Sharing, UrlPart
 use crate::config::Segment;
 use crate::hub::{StopReason, WatchSlot};
 use crate::routes::{Route, TopicKey};
-use crate::upstream::Upstream;
+use crate::source::Origin;
 
 use check::{Cache, Verdict};
-use credentials::VaryKey;
+pub use credentials::VaryKey;
 use revoke::{Recheck, Registry, Watch};
 
 /// `query` without the route's access-token parameter, for anything that logs or records a
@@ -111,17 +111,18 @@ pub struct Auth {
 
 struct Inner {
     key: VaryKey,
-    upstream: Upstream,
+    upstream: Origin,
     cache: Cache,
     registry: Registry,
     rechecks: Semaphore,
 }
 
 impl Auth {
-    pub fn new(upstream: Upstream) -> Auth {
+    /// Credentials are hashed with `key`: the same secret on every node gives the same topics.
+    pub fn new(upstream: Origin, key: VaryKey) -> Auth {
         Auth {
             inner: Arc::new(Inner {
-                key: VaryKey::random(),
+                key,
                 upstream,
                 cache: Cache::default(),
                 registry: Registry::default(),

@@ -30,8 +30,29 @@ pub struct Config {
     pub mux: Mux,
     /// None: no `[admin]` section, no admin listener.
     pub admin: Option<Admin>,
+    pub cluster: Cluster,
     pub routes: Vec<Route>,
 }
+
+/// `[cluster]`: what several nodes share.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    /// The credential-hash key (`secret`, else `HERALD_CLUSTER_SECRET`); None: random per process.
+    pub secret: Option<Secret>,
+}
+
+/// A secret from the config or the environment: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// The environment variable that supplies `[cluster] secret` when the file does not.
+pub const CLUSTER_SECRET_ENV: &str = "HERALD_CLUSTER_SECRET";
 
 /// `[admin]`: metrics, health, status page and reload, on their own listener (`admin`).
 #[derive(Debug, Clone)]

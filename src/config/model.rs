@@ -36,6 +36,8 @@ pub struct File {
     pub mux: MuxSection,
     #[serde(default)]
     pub admin: Option<AdminSection>,
+    #[serde(default)]
+    pub cluster: ClusterSection,
     #[serde(default, rename = "route")]
     pub routes: Vec<Spanned<RouteSection>>,
 }
@@ -52,6 +54,16 @@ pub struct AdminSection {
 
 fn default_admin_listen() -> Spanned<SocketAddr> {
     Spanned::new(0..0, SocketAddr::from(([127, 0, 0, 1], 9090)))
+}
+
+/// What several herald nodes share.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// The key credentials are hashed with into topic keys: the same on every node, so nodes
+    /// agree on per-credential topics. Without it (and without `HERALD_CLUSTER_SECRET`) each
+    /// process draws a random one.
+    pub secret: Option<Spanned<String>>,
 }
 
 /// The multiplexed stream (one connection watching many resources) and the browser client.

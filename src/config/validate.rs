@@ -151,6 +151,22 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         .as_ref()
         .and_then(|c| validate_ca(c, &mut push));
 
+    let secret = match &file.cluster.secret {
+        Some(s) if s.get_ref().len() < MIN_SECRET => {
+            push(
+                s.span(),
+                "cluster.secret",
+                format!("must be at least {MIN_SECRET} characters"),
+            );
+            None
+        }
+        Some(s) => Some(super::Secret(s.get_ref().clone())),
+        None => std::env::var(super::CLUSTER_SECRET_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(super::Secret),
+    };
+
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -188,9 +204,13 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         cors,
         mux,
         admin,
+        cluster: super::Cluster { secret },
         routes,
     })
 }
+
+/// Shortest credential secret accepted: a short one could be guessed from topic ids.
+const MIN_SECRET: usize = 16;
 
 /// Most watches one multiplexed stream may be configured to hold: each costs a cursor in every
 /// event id of the stream, and ids travel in every reconnect header.

@@ -32,7 +32,7 @@ impl History {
         debug_assert!(self
             .events
             .back()
-            .is_none_or(|last| last.seq + 1 == event.seq));
+            .is_none_or(|last| last.position.seq + 1 == event.position.seq));
         self.bytes += event.weight();
         self.events.push_back(event);
         while self.events.len() > self.max_events.max(1)
@@ -46,7 +46,7 @@ impl History {
 
     /// Events after `seq`, oldest first, or `None` when some of them were already evicted.
     pub fn after(&self, seq: u64) -> Option<impl Iterator<Item = &Arc<Event>>> {
-        let first = self.events.front()?.seq;
+        let first = self.events.front()?.position.seq;
         if seq + 1 < first {
             return None;
         }
@@ -56,7 +56,11 @@ impl History {
 
     /// Whether `after(seq)` can be answered from what is kept (including "nothing missed").
     pub fn covers(&self, seq: u64, head: u64) -> bool {
-        seq == head || self.events.front().is_some_and(|f| f.seq <= seq + 1)
+        seq == head
+            || self
+                .events
+                .front()
+                .is_some_and(|f| f.position.seq <= seq + 1)
     }
 
     pub fn len(&self) -> usize {
@@ -75,15 +79,14 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::{Event, EventKind};
-    use bytes::Bytes;
+    use crate::hub::{Event, EventKind, Position};
 
     fn ev(seq: u64, size: usize) -> Arc<Event> {
         Arc::new(Event::new(
-            seq,
-            "1".into(),
+            Position::new(1, seq),
             EventKind::Patch,
-            Bytes::from(vec![b'x'; size]),
+            &vec![b'x'; size],
+            std::time::Instant::now(),
         ))
     }
 
@@ -96,7 +99,10 @@ mod tests {
         assert_eq!(h.len(), 3);
         assert!(h.after(1).is_none());
         assert_eq!(
-            h.after(2).unwrap().map(|e| e.seq).collect::<Vec<_>>(),
+            h.after(2)
+                .unwrap()
+                .map(|e| e.position.seq)
+                .collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
         assert_eq!(h.after(5).unwrap().count(), 0);
@@ -105,7 +111,7 @@ mod tests {
         for s in 1..=10 {
             h.push(ev(s, 100));
         }
-        assert!(h.bytes() <= 250 + 2 * 64, "{}", h.bytes());
+        assert!(h.bytes() <= 250 + 2 * 150, "{}", h.bytes());
         assert!(h.len() <= 2);
         // A single event larger than the byte budget is still kept for live readers.
         h.push(ev(11, 10_000));

@@ -1,29 +1,41 @@
-//! The hub: a registry of topics, keyed by `TopicKey`. The first watcher of a key creates the topic
-//! and starts its poller; later watchers share both. One maintenance task wakes idle streams for
-//! heartbeats and closes topics whose last watcher left more than `grace` ago.
+//! The hub: topics by key. A topic is a writer (its source feeds it: coalesce → diff → sequence)
+//! and a channel (history ring and watchers), joined by a [`Broker`]; the first watcher of a key
+//! opens the topic and later ones share it. One maintenance task wakes idle streams for
+//! heartbeats, stops slow consumers and closes topics whose last watcher left `grace` ago.
 
+pub mod broker;
+mod channel;
+mod event;
 pub mod history;
-pub mod topic;
+mod watcher;
+mod writer;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
+use serde::Serialize;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
-use crate::admin::metrics::{Metrics, RouteMetrics};
 use crate::config;
 use crate::diff;
-use crate::routes::{Route, TopicKey};
-use crate::upstream::{PollSpec, Sink, Upstream};
+use crate::routes::{Route, TopicId, TopicKey};
+use crate::source::{Source, Target};
+use crate::telemetry::{Metrics, RouteMetrics};
 
-pub use topic::{clock_ms, parse_event_id, Cursor, Delivery, StopReason, Topic, WatchSlot};
+pub use broker::{Broker, BrokerError, Lease, MemoryBroker, Replay};
+pub use channel::{Channel, Draft};
+pub use event::{
+    envelope, BadPosition, Encoded, Encoding, Event, EventKind, PatchFormat, Position,
+};
+pub use watcher::{clock_ms, Cursor, StopReason, WatchSlot};
 
 /// How long a slow consumer gets to send its final `error` event before its connection is closed.
 const SLOW_KILL_GRACE: Duration = Duration::from_secs(2);
@@ -35,102 +47,26 @@ pub enum SubscribeError {
     /// for yet another distinct resource would add an upstream poll.
     #[error("this route already streams {max} distinct resources; try again later")]
     TooManyTopics { max: usize },
+    /// A reload removed or changed the route between resolving it and subscribing.
+    #[error("the route was reconfigured; retry")]
+    Retired,
 }
 
-/// The kinds of event a stream carries (the SSE `event:` name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Snapshot,
-    Patch,
-    UpstreamError,
+/// A topic's document as last published: the JSON text of an envelope's `data` (compact JSON, or
+/// a body that is not JSON as a JSON string). Kept as text, not as a parsed tree: a fraction of
+/// the memory, and sent without serializing again.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Doc {
+    pub data: Bytes,
+    /// Parsed from JSON (so it can be diffed), rather than a text body.
+    pub json: bool,
 }
 
-impl EventKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            EventKind::Snapshot => "snapshot",
-            EventKind::Patch => "patch",
-            EventKind::UpstreamError => "upstream-error",
-        }
-    }
-}
-
-/// One published event: sequenced, with its JSON envelope serialized once. Encodings of it for the
-/// wire are cached here too, so each is made once per topic, never once per watcher.
-#[derive(Debug)]
-pub struct Event {
-    pub seq: u64,
-    pub id: Box<str>,
-    pub kind: EventKind,
-    /// `{"type":…,"topic":…,"timestamp":…,"data":…}`
-    pub envelope: Bytes,
-    /// When the event was made (for a live change: when the upstream's new state was seen), for
-    /// the change-to-delivery latency metric.
-    pub made: std::time::Instant,
-    encoded: [OnceLock<Encoded>; 3],
-}
-
-/// One cached wire encoding of an event.
-#[derive(Debug, Clone)]
-pub struct Encoded {
-    pub bytes: Bytes,
-    /// CRC-32 and length of the SSE text a compressed encoding stands for, and x^(8·len) modulo
-    /// the CRC polynomial: with them a gzip stream folds the event into its trailer's CRC in one
-    /// multiplication (`sse::gzip`), without reading the text again. Zero for `Identity`.
-    pub crc: u32,
-    pub len: u64,
-    pub crc_shift: u32,
-}
-
-impl Encoded {
-    /// Bytes sent as they are (no checksum needed).
-    pub fn identity(bytes: Bytes) -> Encoded {
-        Encoded {
-            bytes,
-            crc: 0,
-            len: 0,
-            crc_shift: 0,
-        }
-    }
-}
-
-/// Which cached encoding of an event (see `Event::encoded`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    Identity = 0,
-    Gzip = 1,
-    /// gzip of the event without its `id:` line (multiplexed streams write their own id).
-    GzipBare = 2,
-}
-
-impl Event {
-    pub fn new(seq: u64, id: String, kind: EventKind, envelope: Bytes) -> Event {
-        Event {
-            seq,
-            id: id.into(),
-            kind,
-            envelope,
-            encoded: Default::default(),
-            made: std::time::Instant::now(),
-        }
-    }
-
-    /// The wire bytes of this event in `enc`, made by `make` the first time they are asked for.
-    pub fn encoded(&self, enc: Encoding, make: impl FnOnce(&Event) -> Encoded) -> Encoded {
-        self.encoded_ref(enc, make).clone()
-    }
-
-    /// The same, borrowed: reading it (its length, say) touches no reference count, which every
-    /// watcher's thread would otherwise bump on the one shared allocation.
-    pub fn encoded_ref(&self, enc: Encoding, make: impl FnOnce(&Event) -> Encoded) -> &Encoded {
-        self.encoded[enc as usize].get_or_init(|| make(self))
-    }
-
-    /// Approximate memory held by the event, for history limits.
-    pub fn weight(&self) -> usize {
-        // Envelope, plus its SSE framing once encoded, plus fixed overhead.
-        self.envelope.len() * 2 + self.id.len() + 64
-    }
+/// What a watcher should send next.
+pub enum Delivery {
+    Nothing,
+    One(Arc<Event>),
+    Many(Vec<Arc<Event>>),
 }
 
 /// What every topic of a route shares.
@@ -141,11 +77,70 @@ pub struct TopicSettings {
     pub history: usize,
     pub history_bytes: usize,
     pub grace: Duration,
-    /// The route's metric handles, resolved once (`admin::metrics`).
+    /// Changes closer together than this are coalesced into one event (the newest).
+    pub min_interval: Duration,
+    /// The route's metric handles, resolved once.
     pub metrics: Arc<RouteMetrics>,
-    /// Topics are per credential (not `share = "all"`): an upstream 401/403 refuses every
-    /// watcher's credentials and ends their streams (`Topic::refused`).
+    /// Topics are per credential (not `share = "all"`): an upstream refusal ends every watcher's
+    /// stream and drops the topic's state.
     pub per_credential: bool,
+    /// Upstream statuses that mean "these credentials are refused".
+    pub refuse: Vec<u16>,
+}
+
+impl TopicSettings {
+    /// Whether an upstream answer with `status` refuses the topic's credentials.
+    pub fn refuses(&self, status: u16) -> bool {
+        self.refuse.contains(&status)
+    }
+}
+
+/// The hub's part of `[sse]`: what every topic and watcher shares.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    pub history: usize,
+    pub history_bytes: usize,
+    pub grace: Duration,
+    pub heartbeat: Duration,
+    /// A watcher with events pending this long is a slow consumer.
+    pub slow_timeout: Duration,
+}
+
+impl From<&config::Sse> for HubSettings {
+    fn from(sse: &config::Sse) -> HubSettings {
+        HubSettings {
+            history: sse.history,
+            history_bytes: sse.history_bytes,
+            grace: sse.grace,
+            heartbeat: sse.heartbeat,
+            slow_timeout: sse.slow_timeout,
+        }
+    }
+}
+
+/// One topic on this node: its channel, and the handles of its writer task.
+pub struct Topic {
+    pub key: TopicKey,
+    pub id: TopicId,
+    /// The route version the topic was opened under (a reload that retires it closes the topic).
+    pub route: Arc<Route>,
+    pub channel: Arc<Channel>,
+    /// Stops the topic's source and writer.
+    cancel: CancellationToken,
+    /// Asks the source for a fresh read now.
+    poke: Arc<Notify>,
+}
+
+impl Topic {
+    /// The route's metric handles.
+    pub fn metrics(&self) -> &Arc<RouteMetrics> {
+        &self.channel.settings().metrics
+    }
+
+    /// Ask the source for a fresh read now.
+    pub fn poke(&self) {
+        self.poke.notify_one();
+    }
 }
 
 /// A watcher's hold on a topic; dropping it leaves the topic.
@@ -156,8 +151,24 @@ pub struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.topic.remove_watcher(&self.slot);
+        self.topic.channel.remove_watcher(&self.slot);
     }
+}
+
+/// One topic as the status page shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TopicInfo {
+    /// The route's template.
+    pub route: String,
+    /// The resource, credential-like query values hidden.
+    pub resource: String,
+    pub watchers: usize,
+    pub seq: u64,
+    /// RFC 3339, when the upstream state last changed.
+    pub last_change: String,
+    /// Seconds since then.
+    pub age_s: f64,
+    pub failing: bool,
 }
 
 #[derive(Clone)]
@@ -167,62 +178,61 @@ pub struct Hub {
 
 struct Inner {
     topics: Mutex<HashMap<TopicKey, Arc<Topic>>>,
-    /// `[sse]` as at startup: what every route's topics share (`route_settings`).
-    sse: config::Sse,
+    broker: Arc<dyn Broker>,
+    source: Arc<dyn Source>,
     metrics: Arc<Metrics>,
-    upstream: Upstream,
-    heartbeat: Duration,
-    grace: Duration,
-    /// A watcher with events pending this long is a slow consumer.
-    slow_timeout: Duration,
+    settings: HubSettings,
     /// Watchers stopped as slow consumers since start.
     slow_consumers: AtomicU64,
-    /// Parent of every poller's token.
+    /// Parent of every topic's token.
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Hub {
     pub fn new(
-        config: &config::Config,
-        upstream: Upstream,
+        settings: HubSettings,
+        broker: Arc<dyn Broker>,
+        source: Arc<dyn Source>,
+        metrics: Arc<Metrics>,
         cancel: CancellationToken,
         tracker: TaskTracker,
-        metrics: Arc<Metrics>,
     ) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 topics: Mutex::new(HashMap::new()),
-                sse: config.sse.clone(),
+                broker,
+                source,
                 metrics,
-                upstream,
-                heartbeat: config.sse.heartbeat,
-                slow_timeout: config.sse.slow_timeout,
+                settings,
                 slow_consumers: AtomicU64::new(0),
-                grace: config.sse.grace,
                 cancel,
                 tracker,
             }),
         }
     }
 
-    fn topics(&self) -> std::sync::MutexGuard<'_, HashMap<TopicKey, Arc<Topic>>> {
+    fn lock_topics(&self) -> std::sync::MutexGuard<'_, HashMap<TopicKey, Arc<Topic>>> {
         self.inner.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Join the topic for `key`, creating it (and starting its poller) if nobody watches it yet.
-    /// `headers` are sent on every poll of a new topic (its credentials, when it varies by them).
+    /// Join the topic for `key`, opening it (and starting its writer) if nobody watches it yet.
+    /// `credentials` are sent on every upstream request of a new topic.
     pub fn subscribe(
         &self,
-        route: &Route,
+        route: &Arc<Route>,
         key: TopicKey,
-        headers: HeaderMap,
+        credentials: HeaderMap,
         slot: Arc<WatchSlot>,
     ) -> Result<Subscription, SubscribeError> {
-        let mut topics = self.topics();
-        crate::admin::reload::check_retired(route, &slot);
+        let mut topics = self.lock_topics();
+        // Checked under the lock `retire_route` takes: a route retired just after this request
+        // resolved it is either seen here or has its topics closed after this subscription.
+        if route.is_retired() {
+            return Err(SubscribeError::Retired);
+        }
         if let Some(topic) = topics.get(&key) {
-            if topic.add_watcher(&slot) {
+            if topic.channel.add_watcher(&slot) {
                 return Ok(Subscription {
                     topic: topic.clone(),
                     slot,
@@ -231,66 +241,98 @@ impl Hub {
         }
         // Counting on creation only (not per watcher) keeps the common path O(1).
         let max = route.config.max_topics;
-        if topics.keys().filter(|k| k.route == route.index).count() >= max {
+        if topics.keys().filter(|k| k.route == key.route).count() >= max {
             return Err(SubscribeError::TooManyTopics { max });
         }
-        let settings = self.route_settings(route);
-        let cancel = self.inner.cancel.child_token();
-        let topic = Arc::new(Topic::new(key.clone(), settings, cancel.clone()));
-        topic.add_watcher(&slot);
-        topics.insert(key.clone(), topic.clone());
-        drop(topics);
-
-        let spec = PollSpec {
-            // The resource was built from the matched route; it is always a valid path.
-            url: match self.inner.upstream.url_for(&key.resource) {
-                Ok(u) => u,
-                Err(_) => {
-                    topic.deliver(crate::upstream::Outcome::Failed(
-                        crate::upstream::FetchError::Other,
-                    ));
-                    return Ok(Subscription { topic, slot });
-                }
-            },
-            label: key.resource.clone(),
-            interval: route.config.interval,
-            timeout: route.config.timeout,
-            max_body: route.config.max_body,
-            min_interval: route.config.min_interval,
-            metrics: topic.metrics().clone(),
-            headers,
-        };
-        debug!(topic = %key.resource, incarnation = topic.incarnation, "topic started");
-        self.inner
-            .upstream
-            .spawn_poller(spec, topic.clone(), cancel, &self.inner.tracker);
+        let topic = self.open(route, key.clone(), credentials);
+        topic.channel.add_watcher(&slot);
+        topics.insert(key, topic.clone());
         Ok(Subscription { topic, slot })
+    }
+
+    /// A new topic: its channel attached to the broker, its writer started once the broker lets
+    /// this node lead it.
+    fn open(&self, route: &Arc<Route>, key: TopicKey, credentials: HeaderMap) -> Arc<Topic> {
+        let inner = &self.inner;
+        let settings = self.route_settings(route);
+        let id = key.id();
+        let channel = Arc::new(Channel::new(key.clone(), settings.clone()));
+        inner.broker.attach(id, &channel);
+        let topic = Arc::new(Topic {
+            id,
+            route: route.clone(),
+            channel,
+            cancel: inner.cancel.child_token(),
+            poke: Arc::new(Notify::new()),
+            key,
+        });
+        let target = Target {
+            route: route.clone(),
+            resource: topic.key.resource.clone(),
+            credentials,
+            metrics: settings.metrics.clone(),
+            poke: topic.poke.clone(),
+        };
+        let (broker, source, cancel) = (
+            inner.broker.clone(),
+            inner.source.clone(),
+            topic.cancel.clone(),
+        );
+        let resource = topic.key.resource.clone();
+        debug!(topic = %id, "topic opened");
+        inner.tracker.spawn(async move {
+            let lease = tokio::select! {
+                _ = cancel.cancelled() => return,
+                l = broker.lead(id) => l,
+            };
+            match lease {
+                Ok(lease) => {
+                    let w = writer::Writer::new(id, resource, settings, broker, lease);
+                    writer::run(source, target, w, cancel).await;
+                }
+                Err(e) => warn!(topic = %id, error = %e, "cannot lead the topic"),
+            }
+        });
+        topic
     }
 
     /// Number of live topics.
     pub fn topic_count(&self) -> usize {
-        self.topics().len()
+        self.lock_topics().len()
     }
 
     /// The topic for `key`, if it is live.
     pub fn topic(&self, key: &TopicKey) -> Option<Arc<Topic>> {
-        self.topics().get(key).cloned()
+        self.lock_topics().get(key).cloned()
     }
 
-    /// Wake every watcher (for shutdown: they see the token and send their last event).
+    /// Every live topic (for inspection).
+    pub fn topics_snapshot(&self) -> Vec<Arc<Topic>> {
+        self.lock_topics().values().cloned().collect()
+    }
+
+    /// Every live topic, as the status page shows them.
+    pub fn topics_info(&self) -> Vec<TopicInfo> {
+        let topics: Vec<Arc<Topic>> = self.lock_topics().values().cloned().collect();
+        topics.iter().map(|t| t.channel.info()).collect()
+    }
+
+    /// Wake every watcher (for shutdown: they see the flag and send their last event).
     pub fn wake_all(&self) {
-        let topics: Vec<Arc<Topic>> = self.topics().values().cloned().collect();
+        let topics: Vec<Arc<Topic>> = self.lock_topics().values().cloned().collect();
         for t in topics {
-            t.for_each_watcher(|w| w.wake());
+            t.channel.for_each_watcher(|w| w.wake());
         }
     }
 
-    /// Maintenance until cancelled: heartbeat wake-ups and idle-topic expiry, on one shared tick.
+    /// Maintenance until cancelled: heartbeat wake-ups, slow consumers and idle-topic expiry, on
+    /// one shared tick.
     pub async fn run_maintenance(self, cancel: CancellationToken) {
+        let s = &self.inner.settings;
         // Streams check their own idle time when woken; waking them every heartbeat/4 bounds a
         // heartbeat's lateness to a quarter of the period with one timer for all streams.
-        let beat = (self.inner.heartbeat / 4).max(Duration::from_millis(5));
-        let sweep = (self.inner.grace / 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        let beat = (s.heartbeat / 4).max(Duration::from_millis(5));
+        let sweep = (s.grace / 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
         let tick = beat.min(sweep);
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -323,38 +365,45 @@ impl Hub {
     /// keep up even with conflation); close the connections of those that cannot even be told.
     pub fn sweep_slow(&self) {
         let now = clock_ms();
-        let topics: Vec<Arc<Topic>> = self.topics().values().cloned().collect();
+        let timeout = self.inner.settings.slow_timeout;
+        let topics: Vec<Arc<Topic>> = self.lock_topics().values().cloned().collect();
         for t in topics {
-            t.for_each_watcher(|w| {
-                if w.check_slow(now, self.inner.slow_timeout, SLOW_KILL_GRACE) {
+            t.channel.for_each_watcher(|w| {
+                if w.check_slow(now, timeout, SLOW_KILL_GRACE) {
                     self.inner.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(topic = %t.key.resource, "slow consumer: stream stopped");
+                    info!(topic = %crate::telemetry::redact(&t.key.resource), "slow consumer: stream stopped");
                 }
             });
         }
     }
 
-    /// Close topics that nobody has watched for `grace`, stopping their pollers.
+    /// Close topics that nobody has watched for `grace` (or that were refused), stopping their
+    /// writers.
     pub fn expire_idle(&self, now: Instant) {
-        let mut topics = self.topics();
-        topics.retain(|key, topic| {
-            if topic.close_if_idle(now) {
-                topic.cancel.cancel();
-                debug!(topic = %key.resource, "topic closed: no watchers");
+        let mut closed = Vec::new();
+        self.lock_topics().retain(|_, topic| {
+            if topic.channel.close_if_idle(now) {
+                closed.push(topic.clone());
                 false
             } else {
                 true
             }
         });
+        for topic in closed {
+            self.close(&topic);
+            debug!(topic = %topic.id, "topic closed: no watchers");
+        }
     }
-}
 
-/// Reload support and inspection (`admin`): settings built per route, topics listed and retired.
-impl Hub {
-    /// What every topic of `route` shares; made when a topic is created (not per event), so a
-    /// route changed by a reload gets its new settings with its new id.
+    fn close(&self, topic: &Topic) {
+        topic.cancel.cancel();
+        self.inner.broker.detach(topic.id, &topic.channel);
+    }
+
+    /// What every topic of `route` shares; made when a topic is opened (not per event), so a
+    /// route changed by a reload gets its new settings with its new version.
     fn route_settings(&self, route: &Route) -> Arc<TopicSettings> {
-        let (r, sse) = (&route.config, &self.inner.sse);
+        let (r, s) = (&route.config, &self.inner.settings);
         Arc::new(TopicSettings {
             diff_mode: match r.diff {
                 config::DiffMode::JsonPatch => diff::Mode::JsonPatch,
@@ -364,33 +413,38 @@ impl Hub {
             diff_options: diff::Options {
                 array_key: r.array_key.clone(),
             },
-            history: sse.history,
-            history_bytes: sse.history_bytes,
-            grace: sse.grace,
-            metrics: self.inner.metrics.route(&r.template.source),
+            history: s.history,
+            history_bytes: s.history_bytes,
+            grace: s.grace,
+            min_interval: r.min_interval,
+            metrics: self.inner.metrics.route(&route.template),
             per_credential: r.auth.sharing != config::auth::Sharing::All,
+            refuse: vec![401, 403],
         })
     }
 
-    /// Every live topic (for the status page).
-    pub fn topics_snapshot(&self) -> Vec<Arc<Topic>> {
-        self.topics().values().cloned().collect()
-    }
-
-    /// A reload removed or changed route `id`: end its streams (each sends a final `shutdown`
-    /// event, so clients reconnect and meet the new config) and stop its pollers. Returns how many
-    /// topics were closed.
-    pub fn retire_route(&self, id: usize) -> usize {
-        let mut topics = self.topics();
-        let before = topics.len();
-        topics.retain(|key, topic| {
-            if key.route != id {
+    /// A reload removed or changed `route`: end its streams (each sends a final `shutdown`
+    /// event, so clients reconnect and meet the new config) and stop its writers. Returns how
+    /// many topics were closed.
+    pub fn retire_route(&self, route: &Arc<Route>) -> usize {
+        let mut retired = Vec::new();
+        let mut topics = self.lock_topics();
+        route.retire();
+        topics.retain(|_, topic| {
+            if !Arc::ptr_eq(&topic.route, route) {
                 return true;
             }
-            topic.for_each_watcher(|w| w.stop(StopReason::Reconfigured));
-            topic.cancel.cancel();
+            retired.push(topic.clone());
             false
         });
-        before - topics.len()
+        drop(topics);
+        for topic in &retired {
+            topic.channel.close();
+            topic
+                .channel
+                .for_each_watcher(|w| w.stop(StopReason::Reconfigured));
+            self.close(topic);
+        }
+        retired.len()
     }
 }

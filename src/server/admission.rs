@@ -1,20 +1,16 @@
 //! Admission control for streams: a token bucket on new streams per second (a reconnect storm is
 //! spread over time instead of landing at once) and a cap on open streams per client address. A
-//! refused stream gets 503 + `Retry-After` or 429 with a JSON body; an admitted one carries a
-//! `StreamPermit` in its body that gives its place back when the stream ends.
+//! refused stream gets 503 + `Retry-After` or 429 with a JSON body; an admitted one holds a
+//! `StreamPermit` (in its response body) that gives its place back when the stream ends.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-use super::{json_error, BoxError, ResponseBody};
+use super::{json_error, ResponseBody};
 use crate::config::Server;
 
 /// Why a stream was refused.
@@ -168,41 +164,6 @@ impl Drop for StreamPermit {
         if self.principal != 0 {
             release(&self.admission.per_credential, &self.principal);
         }
-    }
-}
-
-/// A response body that holds a `StreamPermit` for as long as it lives.
-pub struct Permitted {
-    inner: ResponseBody,
-    _permit: StreamPermit,
-}
-
-impl Permitted {
-    pub fn new(inner: ResponseBody, permit: StreamPermit) -> Permitted {
-        Permitted {
-            inner,
-            _permit: permit,
-        }
-    }
-}
-
-impl Body for Permitted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -18,14 +18,15 @@ use tracing::{debug, Instrument};
 use super::tls::{self, Acceptor};
 use http::{header, HeaderValue, Response, StatusCode};
 
-use super::{fast, json_error, router, App, ConnInfo};
+use super::observe::Tracked;
+use super::{fast, json_error, router, ConnInfo, Service};
 
 /// What a connection task needs from its listener.
 pub(super) struct Conn {
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub tls: Option<Acceptor>,
-    pub app: Arc<App>,
+    pub app: Arc<Service>,
     pub builder: Arc<auto::Builder<TokioExecutor>>,
     /// Registered in the accept loop, before shutdown can begin, so a connection still in its
     /// handshake when shutdown starts is drained like the others.
@@ -90,7 +91,7 @@ impl Conn {
                 // Boxed, like the TLS path: inline, hyper's connection state would size every
                 // connection's task, fast-path streams included.
                 Box::pin(serve_http(
-                    TokioIo::new(app.metrics.track(stream, info.tls)),
+                    TokioIo::new(Tracked::new(stream, &app.metrics, info.tls)),
                     info,
                     app,
                     &builder,
@@ -119,7 +120,7 @@ async fn serve_tls(
     acceptor: Acceptor,
     peer: SocketAddr,
     kill: CancellationToken,
-    app: Arc<App>,
+    app: Arc<Service>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
     shutdown: CancellationToken,
@@ -154,7 +155,7 @@ async fn serve_tls(
         kill,
     };
     serve_http(
-        TokioIo::new(app.metrics.track(stream, info.tls)),
+        TokioIo::new(Tracked::new(stream, &app.metrics, info.tls)),
         info,
         app,
         builder,
@@ -169,7 +170,7 @@ async fn serve_tls(
 async fn serve_http<I>(
     io: TokioIo<I>,
     info: ConnInfo,
-    app: Arc<App>,
+    app: Arc<Service>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
     reject: bool,

@@ -21,8 +21,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
-use super::{router, App, ConnInfo, ResponseBody};
-use crate::admin::metrics::Protocol;
+use super::{router, ConnInfo, ResponseBody, Service};
+use crate::telemetry::Protocol;
 
 /// Largest request head taken on this path; a bigger one goes to hyper and its limits.
 const MAX_HEAD: usize = 4096;
@@ -48,7 +48,7 @@ pub(super) enum Outcome {
 }
 
 /// Serve `stream` here if its first request is a stream herald answers itself.
-pub(super) async fn try_serve(stream: TcpStream, app: &App, info: &ConnInfo) -> Outcome {
+pub(super) async fn try_serve(stream: TcpStream, app: &Service, info: &ConnInfo) -> Outcome {
     let first = tokio::select! {
         r = tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.readable()) => r,
         _ = info.kill.cancelled() => return Outcome::Served,
@@ -73,7 +73,7 @@ pub(super) async fn try_serve(stream: TcpStream, app: &App, info: &ConnInfo) -> 
     // for the same reason: inline, its largest state would size every connection's task.
     let decided = {
         match parse_head(&buf[..n]) {
-            Some((head_len, req)) if !super::mux::owns(app, req.uri().path()) => {
+            Some((head_len, req)) if !app.mux.owns(req.uri().path()) => {
                 Box::pin(router::answer(app, &req, info))
                     .await
                     .map(|resp| (head_len, resp))

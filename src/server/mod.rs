@@ -8,6 +8,8 @@ mod conn;
 pub mod cors;
 mod fast;
 pub mod mux;
+mod observe;
+mod open;
 pub mod proxy;
 pub mod router;
 pub mod tls;
@@ -15,9 +17,6 @@ pub mod tls;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -26,49 +25,78 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::Config;
+use crate::auth::Auth;
+use crate::config;
 use crate::hub::Hub;
 use crate::routes::LiveRoutes;
-use crate::upstream::Upstream;
+use crate::shutdown::Flag;
+use crate::source::Origin;
+use crate::telemetry::Metrics;
 
+pub use crate::reply::{json_error, BoxError, ResponseBody};
 pub use router::ConnInfo;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-/// Everything a request handler reads; immutable once serving starts.
-pub struct App {
-    pub config: Arc<Config>,
-    /// Swapped whole by a config reload (`admin::reload`).
-    pub routes: LiveRoutes,
+/// What the public listeners serve with, each part built once at startup (`lib.rs`) from the
+/// validated config; nothing here reads the config file's model at request time.
+pub struct Service {
+    /// The stream routes in force, swapped whole by a reload.
+    pub routes: Arc<LiveRoutes>,
     pub hub: Hub,
-    pub upstream: Upstream,
-    /// Cancelled when shutdown begins: every open stream sends its last event and ends.
-    pub streams: crate::shutdown::Flag,
-    /// Stream admission: new streams per second and open streams per client address.
+    /// Credentials, sharing, access checks and revocation of streams.
+    pub auth: Auth,
+    /// The legacy API, for pass-through.
+    pub origin: Origin,
+    pub streams: Streams,
+    /// The multiplexed stream and the browser client, when enabled.
+    pub mux: mux::Endpoints,
+    /// None: herald adds no CORS headers.
+    pub cors: Option<config::Cors>,
+    pub proxy: config::Proxy,
+    pub compression: config::Compression,
+    /// Stream admission: new streams per second, open streams per address and credential.
     pub admission: Arc<admission::Admission>,
-    /// Prometheus metrics (`admin::metrics`), shared with the hub and the admin listener.
-    pub metrics: Arc<crate::admin::metrics::Metrics>,
-    /// Live multiplexed streams by token, for their control requests (`mux`).
-    pub mux: Arc<crate::sse::mux::Registry>,
-    /// Credentials, sharing, access checks and revocation of streams (`crate::auth`).
-    pub auth: crate::auth::Auth,
+    pub metrics: Arc<Metrics>,
+    pub connections: Connections,
 }
 
-/// A JSON error response: `{"error":"<code>","message":"…"}`.
-pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
-    let body = serde_json::json!({ "error": code, "message": message }).to_string();
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|e| match e {})
-            .boxed_unsync(),
-    );
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+/// How streams run (`[sse]`), and the flag that ends them all at shutdown.
+#[derive(Debug, Clone)]
+pub struct Streams {
+    pub retry: Duration,
+    /// Up to this much is added to `retry` per client, so reconnects spread out.
+    pub retry_jitter: Duration,
+    pub heartbeat: Duration,
+    /// Set when the drain begins: every open stream sends its last event and ends.
+    pub shutdown: Flag,
+}
+
+impl Streams {
+    pub fn new(sse: &config::Sse, shutdown: Flag) -> Streams {
+        Streams {
+            retry: sse.retry,
+            retry_jitter: sse.retry_jitter,
+            heartbeat: sse.heartbeat,
+            shutdown,
+        }
+    }
+}
+
+/// Connection limits (`[server]`).
+#[derive(Debug, Clone)]
+pub struct Connections {
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+impl From<&config::Server> for Connections {
+    fn from(s: &config::Server) -> Connections {
+        Connections {
+            max_connections: s.max_connections,
+            drain_timeout: s.drain_timeout,
+            max_header_bytes: s.max_header_bytes,
+        }
+    }
 }
 
 /// Connection settings shared by every listener. HTTP/2 flow control is per stream, so a client
@@ -76,17 +104,17 @@ pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Res
 /// `H2_SEND_BUFFER` here, after which its SSE body is no longer polled: its cursor stays behind in
 /// the topic's history (a snapshot resyncs it if it falls out) while the connection's other
 /// streams flow on. `tests/http2.rs` checks this with an unread stream next to four readers.
-fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
+fn builder(config: &Connections) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(config.server.max_header_bytes.max(8192))
+        .max_buf_size(config.max_header_bytes.max(8192))
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_STREAMS)
-        .max_header_list_size(u32::try_from(config.server.max_header_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
         // Pings find dead peers on connections whose streams are all quiet (SSE heartbeats go
         // one way and would not notice).
         .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -132,11 +160,11 @@ impl Listener {
 
 /// Accept on every listener until `shutdown` fires, then drain within the configured deadline.
 /// The listeners share one connection limit and one drain.
-pub async fn serve(listeners: Vec<Listener>, app: Arc<App>, shutdown: CancellationToken) {
-    let builder = Arc::new(builder(&app.config));
+pub async fn serve(listeners: Vec<Listener>, app: Arc<Service>, shutdown: CancellationToken) {
+    let builder = Arc::new(builder(&app.connections));
     let graceful = GracefulShutdown::new();
     let limits = Limits {
-        connections: Arc::new(Semaphore::new(app.config.server.max_connections)),
+        connections: Arc::new(Semaphore::new(app.connections.max_connections)),
         rejections: Arc::new(Semaphore::new(MAX_REJECTING)),
         force_close: CancellationToken::new(),
     };
@@ -146,9 +174,9 @@ pub async fn serve(listeners: Vec<Listener>, app: Arc<App>, shutdown: Cancellati
     futures_util::future::join_all(loops).await;
     info!("stopped accepting; draining");
     // Streams first: each sends its last event and ends, so their connections can close.
-    app.streams.cancel();
+    app.streams.shutdown.cancel();
     app.hub.wake_all();
-    let deadline = app.config.server.drain_timeout;
+    let deadline = app.connections.drain_timeout;
     tokio::select! {
         _ = graceful.shutdown() => info!("all connections drained"),
         _ = tokio::time::sleep(deadline) => {
@@ -175,7 +203,7 @@ struct Limits {
 /// clients learn to back off instead of hanging in the kernel backlog.
 async fn accept_loop(
     listener: Listener,
-    app: &Arc<App>,
+    app: &Arc<Service>,
     builder: &Arc<auto::Builder<TokioExecutor>>,
     graceful: &GracefulShutdown,
     limits: &Limits,

@@ -10,15 +10,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use rand::Rng;
 use tracing::debug;
 
-use super::{compress, cors, json_error, App, ConnInfo, ResponseBody};
-use crate::hub::{Subscription, WatchSlot};
-use crate::routes::{Route, TopicKey};
-use crate::sse::mux::{Change, ControlError, MuxOptions, MuxStream, WatchInfo};
+use super::open::{self, Refused, StreamRequest, Target};
+use super::{compress, cors, json_error, ConnInfo, ResponseBody, Service};
+use crate::config;
+use crate::reply::full;
+use crate::sse::mux::{Change, ControlError, Registry, WatchInfo};
 
 /// The browser client, an ES module (`client/herald.js`).
 pub const CLIENT_JS: &str = include_str!("../../client/herald.js");
@@ -41,45 +41,66 @@ enum Action {
     Unwatch,
 }
 
-fn endpoint<'a>(app: &App, path: &'a str) -> Option<Endpoint<'a>> {
-    let mux = &app.config.mux;
-    if mux.client.as_deref() == Some(path) {
-        return Some(Endpoint::Client);
-    }
-    let base = mux.path.as_deref()?;
-    let rest = path.strip_prefix(base)?;
-    if rest.is_empty() {
-        return Some(Endpoint::Stream);
-    }
-    let (token, action) = rest.strip_prefix('/')?.split_once('/')?;
-    let action = match action {
-        "watch" => Action::Watch,
-        "unwatch" => Action::Unwatch,
-        _ => return None,
-    };
-    Some(Endpoint::Control { token, action })
+/// herald's own endpoints on the public listener (`[mux]`): where they are, and the live
+/// multiplexed streams their control requests reach.
+pub struct Endpoints {
+    /// None: no multiplexed stream.
+    pub path: Option<String>,
+    /// None: `client.js` is not served.
+    pub client: Option<String>,
+    pub max_watches: usize,
+    pub registry: Arc<Registry>,
 }
 
-/// Whether `path` is one of herald's own endpoints (never passed through).
-pub fn owns(app: &App, path: &str) -> bool {
-    endpoint(app, path).is_some()
+impl Endpoints {
+    pub fn new(mux: &config::Mux) -> Endpoints {
+        Endpoints {
+            path: mux.path.clone(),
+            client: mux.client.clone(),
+            max_watches: mux.max_watches,
+            registry: Arc::default(),
+        }
+    }
+
+    fn endpoint<'a>(&self, path: &'a str) -> Option<Endpoint<'a>> {
+        if self.client.as_deref() == Some(path) {
+            return Some(Endpoint::Client);
+        }
+        let base = self.path.as_deref()?;
+        let rest = path.strip_prefix(base)?;
+        if rest.is_empty() {
+            return Some(Endpoint::Stream);
+        }
+        let (token, action) = rest.strip_prefix('/')?.split_once('/')?;
+        let action = match action {
+            "watch" => Action::Watch,
+            "unwatch" => Action::Unwatch,
+            _ => return None,
+        };
+        Some(Endpoint::Control { token, action })
+    }
+
+    /// Whether `path` is one of herald's own endpoints (never passed through).
+    pub fn owns(&self, path: &str) -> bool {
+        self.endpoint(path).is_some()
+    }
 }
 
 /// Answer a request for one of herald's endpoints (`owns` was true).
 pub async fn handle(
-    app: &Arc<App>,
+    svc: &Arc<Service>,
     req: Request<Incoming>,
     conn: &ConnInfo,
 ) -> Response<ResponseBody> {
     let path = req.uri().path().to_string();
-    let Some(ep) = endpoint(app, &path) else {
+    let Some(ep) = svc.mux.endpoint(&path) else {
         return json_error(
             StatusCode::NOT_FOUND,
             "not-found",
             "no such herald endpoint",
         );
     };
-    let cors_cfg = app.config.cors.as_ref();
+    let cors_cfg = svc.cors.as_ref();
     if let Some(c) = cors_cfg.filter(|_| cors::is_preflight(req.method(), req.headers())) {
         // The stream needs only GET and the stream headers; control requests are JSON POSTs.
         return cors::preflight(c, req.headers(), matches!(ep, Endpoint::Stream));
@@ -87,10 +108,10 @@ pub async fn handle(
     let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let mut resp = match (ep, req.method()) {
         (Endpoint::Client, &Method::GET | &Method::HEAD) => client_js(req.headers()),
-        (Endpoint::Stream, &Method::GET) => open(app, &req, conn).await,
+        (Endpoint::Stream, &Method::GET) => open(svc, &req, conn).await,
         (Endpoint::Control { token, action }, &Method::POST) => {
             let token = token.to_string();
-            control(app, req, &token, action).await
+            control(svc, req, &token, action).await
         }
         (Endpoint::Client | Endpoint::Stream, _) => method_not_allowed("GET"),
         (Endpoint::Control { .. }, _) => method_not_allowed("POST"),
@@ -112,43 +133,26 @@ fn method_not_allowed(allow: &'static str) -> Response<ResponseBody> {
     r
 }
 
-/// Why a watch was refused: the HTTP answer, made only when it is sent.
-#[derive(Debug)]
-struct Refused {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl Refused {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refused {
-        Refused {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn response(&self) -> Response<ResponseBody> {
-        json_error(self.status, self.code, &self.message)
-    }
-}
-
 /// A watched path resolved against the routes, exactly as a single stream's request is: the route,
 /// the topic key, and what to tell the client. `raw` is a path with an optional query, as it would
 /// appear in a URL (percent-encoded).
-fn watch_target(app: &App, raw: &str) -> Result<(Arc<Route>, TopicKey, WatchInfo), Refused> {
+fn watch_target(svc: &Service, raw: &str, request_query: Option<&str>) -> Result<Target, Refused> {
     let (path, query) = match raw.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (raw, None),
     };
-    match app.routes.resolve(path, query) {
+    match svc.routes.resolve(path, query) {
         Ok(Some((route, key))) => {
             let info = WatchInfo {
                 path: raw.to_string(),
                 topic: key.resource.to_string(),
             };
-            Ok((route, key, info))
+            Ok(Target {
+                route,
+                key,
+                info,
+                query: auth_query(raw, request_query),
+            })
         }
         Ok(None) => Err(Refused::new(
             StatusCode::NOT_FOUND,
@@ -160,47 +164,6 @@ fn watch_target(app: &App, raw: &str) -> Result<(Arc<Route>, TopicKey, WatchInfo
             "bad-request",
             format!("{path}: {e}"),
         )),
-    }
-}
-
-/// Authorize a resolved watch exactly as a single stream is (`Auth::authorize`, on every open)
-/// and join its topic with the stream's slot, under revocation watch. `headers` and `query` are
-/// the request's (the query may carry the route's access-token parameter).
-async fn subscribe(
-    app: &App,
-    route: &Route,
-    key: TopicKey,
-    headers: &HeaderMap,
-    query: Option<&str>,
-    slot: Arc<WatchSlot>,
-) -> Result<Subscription, Refused> {
-    let grant = match app.auth.authorize(route, key, headers, query).await {
-        Ok(g) => g,
-        Err(denied) => {
-            debug!(route = %route.config.template.source, error = %denied, "watch refused");
-            return Err(Refused::new(
-                denied.status(),
-                denied.code(),
-                denied.to_string(),
-            ));
-        }
-    };
-    match app
-        .hub
-        .subscribe(route, grant.key.clone(), grant.headers.clone(), slot)
-    {
-        Ok(sub) => {
-            app.auth.watch(&grant, &sub.slot);
-            Ok(sub)
-        }
-        Err(e) => {
-            app.metrics.reject("too-many-topics");
-            Err(Refused::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too-many-topics",
-                e.to_string(),
-            ))
-        }
     }
 }
 
@@ -220,29 +183,33 @@ fn form_decode(v: &str) -> Option<String> {
 }
 
 /// `GET [mux] path?watch=/a&watch=/b[&last_event_id=…]`: one stream for every watched topic.
-async fn open(app: &Arc<App>, req: &Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
-    let mux = &app.config.mux;
+async fn open(
+    svc: &Arc<Service>,
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+) -> Response<ResponseBody> {
+    let max_watches = svc.mux.max_watches;
     let mut watched = Vec::new();
     let mut last_q = None;
     for pair in req.uri().query().unwrap_or("").split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let target = match k {
-            "watch" => &mut watched,
+        match k {
+            "watch" => {}
             "last_event_id" => {
                 last_q = form_decode(v);
                 continue;
             }
             _ => continue,
         };
-        if target.len() >= mux.max_watches {
+        if watched.len() >= max_watches {
             return json_error(
                 StatusCode::BAD_REQUEST,
                 "too-many-watches",
-                &format!("a stream watches at most {} resources", mux.max_watches),
+                &format!("a stream watches at most {max_watches} resources"),
             );
         }
         match form_decode(v) {
-            Some(p) => target.push(p),
+            Some(p) => watched.push(p),
             None => {
                 return json_error(
                     StatusCode::BAD_REQUEST,
@@ -252,44 +219,12 @@ async fn open(app: &Arc<App>, req: &Request<Incoming>, conn: &ConnInfo) -> Respo
             }
         }
     }
-    let mut targets: Vec<(Arc<Route>, TopicKey, WatchInfo)> = Vec::with_capacity(watched.len());
+    let mut targets: Vec<Target> = Vec::with_capacity(watched.len());
     for raw in &watched {
-        match watch_target(app, raw) {
+        match watch_target(svc, raw, req.uri().query()) {
             // Two paths for one topic (e.g. differing only in dropped query parameters): one watch.
-            Ok(t) if targets.iter().any(|(_, k, _)| *k == t.1) => {}
+            Ok(t) if targets.iter().any(|o| o.key == t.key) => {}
             Ok(t) => targets.push(t),
-            Err(refused) => return refused.response(),
-        }
-    }
-    let principal = app.auth.principal(req.headers());
-    let permit = match app.admission.admit(conn.peer.ip(), principal) {
-        Ok(p) => p,
-        Err(rejection) => {
-            debug!(peer = %conn.peer, %rejection, "multiplexed stream refused");
-            app.metrics.reject("stream-admission");
-            return rejection.response();
-        }
-    };
-    // As for single streams: an HTTP/1 connection carries this stream alone, so a stuck reader
-    // can be cut by closing it; an HTTP/2 connection carries others that must not suffer.
-    let slot = Arc::new(if req.version() < http::Version::HTTP_2 {
-        WatchSlot::with_kill(conn.kill.clone())
-    } else {
-        WatchSlot::default()
-    });
-    let mut subs = Vec::with_capacity(targets.len());
-    for (route, key, info) in targets {
-        let query = auth_query(&info.path, req.uri().query());
-        let sub = subscribe(
-            app,
-            &route,
-            key,
-            req.headers(),
-            query.as_deref(),
-            slot.clone(),
-        );
-        match sub.await {
-            Ok(sub) => subs.push((sub, info)),
             Err(refused) => return refused.response(),
         }
     }
@@ -299,42 +234,24 @@ async fn open(app: &Arc<App>, req: &Request<Incoming>, conn: &ConnInfo) -> Respo
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .or(last_q);
-    let sse = &app.config.sse;
-    let jitter = |max: Duration| {
-        if max.is_zero() {
-            max
-        } else {
-            rand::thread_rng().gen_range(Duration::ZERO..=max)
-        }
+    let stream = StreamRequest {
+        headers: req.headers(),
+        version: req.version(),
+        conn,
     };
-    let body = MuxStream::new(
-        app.mux.clone(),
-        slot,
-        subs,
-        MuxOptions {
-            retry: sse.retry + jitter(sse.retry_jitter),
-            heartbeat: sse.heartbeat,
-            shutdown: app.streams.clone(),
-            shutdown_retry: sse.retry + jitter(sse.retry_jitter.max(sse.retry)),
-            max_watches: mux.max_watches,
-            last_event_id,
-            control_path: mux.path.clone().unwrap_or_default(),
-        },
-    );
-    debug!(watches = body.control().len(), "multiplexed stream opened");
-    super::router::stream_response(app, req.headers(), body, permit, |b| b)
+    open::mux(svc, &stream, targets, last_event_id).await
 }
 
 /// `POST <path>/{token}/watch|unwatch` with `{"path": "/api/builds/3"}`.
 async fn control(
-    app: &Arc<App>,
+    svc: &Arc<Service>,
     req: Request<Incoming>,
     token: &str,
     action: Action,
 ) -> Response<ResponseBody> {
     let headers = req.headers().clone();
     let request_query = req.uri().query().map(str::to_string);
-    let Some(control) = app.mux.get(token) else {
+    let Some(control) = svc.mux.registry.get(token) else {
         return json_error(
             StatusCode::NOT_FOUND,
             "no-such-stream",
@@ -371,21 +288,18 @@ async fn control(
             r#"expected a JSON body like {"path": "/api/builds/3"}"#,
         );
     };
-    let (route, key, info) = match watch_target(app, &path) {
+    let target = match watch_target(svc, &path, request_query.as_deref()) {
         Ok(t) => t,
         Err(refused) => return refused.response(),
     };
+    let info = target.info.clone();
     let result = match action {
-        Action::Watch if control.watches(&key.resource) => Ok(Change::Unchanged),
-        Action::Watch => {
-            let query = auth_query(&path, request_query.as_deref());
-            let sub = subscribe(app, &route, key, &headers, query.as_deref(), control.slot());
-            match sub.await {
-                Ok(sub) => control.watch(sub),
-                Err(refused) => return refused.response(),
-            }
-        }
-        Action::Unwatch => control.unwatch(&key.resource),
+        Action::Watch if control.watches(&target.key.resource) => Ok(Change::Unchanged),
+        Action::Watch => match open::watch(svc, &headers, target, control.slot()).await {
+            Ok(sub) => control.watch(sub),
+            Err(refused) => return refused.response(),
+        },
+        Action::Unwatch => control.unwatch(&target.key.resource),
     };
     match result {
         Ok(change) => {
@@ -397,11 +311,7 @@ async fn control(
                 "changed": change == Change::Done,
                 "watches": control.len(),
             });
-            let mut resp = Response::new(
-                Full::new(Bytes::from(body.to_string()))
-                    .map_err(|e| match e {})
-                    .boxed_unsync(),
-            );
+            let mut resp = Response::new(full(body.to_string()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -461,7 +371,7 @@ fn client_js(headers: &HeaderMap) -> Response<ResponseBody> {
     } else {
         (StatusCode::OK, Bytes::from_static(CLIENT_JS.as_bytes()))
     };
-    let mut resp = Response::new(Full::new(body).map_err(|e| match e {}).boxed_unsync());
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(

@@ -12,7 +12,7 @@ use hyper::body::{Frame, Incoming};
 use tracing::debug;
 
 use super::{json_error, ResponseBody};
-use crate::upstream::Upstream;
+use crate::source::Origin;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus `Host`, which reqwest
 /// sets for the upstream.
@@ -42,7 +42,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 pub async fn forward(
-    upstream: &Upstream,
+    upstream: &Origin,
     timeout: std::time::Duration,
     req: Request<Incoming>,
     peer: SocketAddr,

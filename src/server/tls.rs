@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::config;
 use crate::error::{Error, Result};
+use crate::shutdown::Hangups;
 
 /// How long a client may take to complete its handshake before the connection is dropped; bounds
 /// what a slow or silent client can hold (a connection permit, a task) before it sends a request.
@@ -142,25 +143,9 @@ impl Acceptor {
     }
 
     /// Watch the files until `cancel`: check them every [`WATCH_INTERVAL`], and reload at once on
-    /// SIGHUP. The signal handler is installed before this returns, so a SIGHUP sent after it
-    /// cannot kill the process. A failed reload is logged and the old certificate stays.
-    pub fn watch(self, cancel: CancellationToken) -> impl std::future::Future<Output = ()> + Send {
-        self.watch_with(cancel, None)
-    }
-
-    /// [`Acceptor::watch`], also calling `on_hangup` on each SIGHUP (herald's config reload shares
-    /// this one signal listener).
-    pub fn watch_with(
-        self,
-        cancel: CancellationToken,
-        on_hangup: Option<OnHangup>,
-    ) -> impl std::future::Future<Output = ()> + Send {
-        let mut hangup = if self.certs.files.is_some() {
-            hangup_signal()
-        } else {
-            None
-        };
-        async move {
+    /// SIGHUP. A failed reload is logged and the old certificate stays.
+    pub async fn watch(self, cancel: CancellationToken, mut hangups: Hangups) {
+        {
             if self.certs.files.is_none() {
                 return;
             }
@@ -171,11 +156,8 @@ impl Acceptor {
                 let forced = tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = ticker.tick() => false,
-                    Some(()) = recv_hangup(&mut hangup) => true,
+                    _ = hangups.next() => true,
                 };
-                if let Some(f) = on_hangup.as_ref().filter(|_| forced) {
-                    f();
-                }
                 let me = self.clone();
                 // File reads may block (network file systems): keep them off the async workers.
                 let outcome = tokio::task::spawn_blocking(move || {
@@ -197,68 +179,6 @@ impl Acceptor {
             }
         }
     }
-}
-
-/// Called on SIGHUP besides the certificate reload: herald's config reload (`admin::reload`).
-pub type OnHangup = std::sync::Arc<dyn Fn() + Send + Sync>;
-
-/// Without `[tls]` there is no certificate to reload, but SIGHUP's default action would still kill
-/// the process (and `systemctl reload` sends it): take it, call `on_hangup` (or say there is
-/// nothing to reload), until `cancel`.
-pub fn ignore_hangup(
-    cancel: CancellationToken,
-    on_hangup: Option<OnHangup>,
-) -> impl std::future::Future<Output = ()> + Send {
-    let mut hangup = hangup_signal();
-    async move {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = recv_hangup(&mut hangup) => match r {
-                    Some(()) => match &on_hangup {
-                        Some(f) => f(),
-                        None => info!("SIGHUP: nothing to reload"),
-                    },
-                    None => return,
-                },
-            }
-        }
-    }
-}
-
-#[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangup = Option<()>;
-
-#[cfg(unix)]
-fn hangup_signal() -> Hangup {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(error = %e, "cannot listen for SIGHUP; TLS files are still checked every {WATCH_INTERVAL:?}");
-            None
-        }
-    }
-}
-
-#[cfg(unix)]
-async fn recv_hangup(hangup: &mut Hangup) -> Option<()> {
-    match hangup {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-#[cfg(not(unix))]
-fn hangup_signal() -> Hangup {
-    None
-}
-
-#[cfg(not(unix))]
-async fn recv_hangup(_: &mut Hangup) -> Option<()> {
-    std::future::pending().await
 }
 
 /// The certificate in use and where it came from.

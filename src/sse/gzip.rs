@@ -1,7 +1,7 @@
 //! gzip for SSE streams without a compressor per client. Each hub event is deflated once, as a
 //! standalone block sequence ended by a full flush (no reference to earlier data), cached on the
 //! event and sent as the same bytes to every gzip watcher; a watcher keeps only its running CRC-32
-//! and length, and writes the gzip trailer when its stream ends. Depends on `hub` and `sse::stream`.
+//! and length, and writes the gzip trailer when its stream ends.
 //!
 //! The wire format of one gzip stream:
 //!
@@ -22,7 +22,7 @@ use bytes::Bytes;
 use flate2::{Compress, Compression, FlushCompress};
 use http_body::{Body, Frame, SizeHint};
 
-use super::stream::{self, Item, ItemSource, SseStream, StreamClosed, HEARTBEAT};
+use super::lifecycle::{Item, ItemSource, StreamClosed, HEARTBEAT};
 use crate::hub::{Delivery, Encoded, Encoding, Event};
 
 /// RFC 1952 member header: magic, deflate, no flags, no mtime, no extra flags, OS unknown.
@@ -84,13 +84,13 @@ fn deflate_with(c: &mut Compress, text: &[u8], out: &mut Vec<u8>) {
 /// The gzip encoding of a hub event: its SSE text deflated as one standalone block sequence,
 /// with the text's CRC-32 and length for the watchers' trailers.
 pub fn encode_event(ev: &Event) -> Encoded {
-    block(&stream::identity(ev))
+    block(ev.text())
 }
 
-/// The gzip encoding of a hub event without its `id:` line (`stream::bare`), for multiplexed
+/// The gzip encoding of a hub event without its `id:` line (`Event::bare`), for multiplexed
 /// streams.
 pub fn encode_bare(ev: &Event) -> Encoded {
-    block(&stream::bare(ev))
+    block(&ev.bare())
 }
 
 /// `text` as a standalone block, with what a watcher needs to fold it into its trailer.
@@ -135,7 +135,7 @@ fn crc_shift(len: u64) -> u32 {
 }
 
 /// An SSE stream (a single topic's, or a multiplexed one) with `Content-Encoding: gzip`.
-pub struct GzipStream<S = SseStream> {
+pub struct GzipStream<S> {
     inner: S,
     header_sent: bool,
     /// CRC-32 and length of all SSE text sent so far (the trailer's CRC and ISIZE): the only
@@ -196,12 +196,12 @@ impl<S: ItemSource> GzipStream<S> {
                 }
             }
             Item::Events(Delivery::Nothing) => {}
-            Item::Bare(ev) => {
-                let enc = ev.encoded(Encoding::GzipBare, encode_bare);
+            Item::Framed { id, event } => {
+                // The client's own id line, then the shared text of the event.
+                self.hash(&id);
+                deflate_block(&id, &mut out);
+                let enc = event.encoded(Encoding::GzipBare, encode_bare);
                 self.fold(&enc);
-                if alone {
-                    return enc.bytes;
-                }
                 out.extend_from_slice(&enc.bytes);
             }
             Item::Heartbeat => {

@@ -1,12 +1,13 @@
-//! Server-Sent Events: framing (`encode`) and the per-client response body (`stream`) that turns a
-//! topic subscription into bytes on the wire, the multiplexed body that carries several topics
-//! (`mux`), and their gzip coding (`gzip`, compressed once per event for all watchers).
+//! Server-Sent Events responses: one lifecycle for every stream (`lifecycle`: prelude, events,
+//! heartbeats, last event), the events of one topic (`single`) or of many with their control
+//! (`mux`), and the gzip coding that shares each compressed event between watchers (`gzip`).
 
-pub mod encode;
 pub mod gzip;
+pub mod lifecycle;
 pub mod mux;
-pub mod stream;
+pub mod single;
 
 pub use gzip::GzipStream;
-pub use mux::MuxStream;
-pub use stream::SseStream;
+pub use lifecycle::{Events, Item, ItemSource, Lifecycle, SseStream, StreamClosed};
+pub use mux::MuxEvents;
+pub use single::TopicEvents;

@@ -1,45 +1,42 @@
 //! A multiplexed SSE body: one stream carrying the events of several topics, with watches added
 //! and removed while it runs (through its `Control`, found by the stream's token in a `Registry`),
 //! and event ids that hold a cursor per topic so one `Last-Event-ID` resumes every topic.
-//! Depends on `hub` and `sse::{encode, stream}`; the HTTP side is `server::mux`.
+//! The HTTP side is `server::mux`.
 //!
 //! ## Event ids
 //!
 //! Each event of a multiplexed stream carries the position of the stream in *every* topic it
 //! watches, in watch order, `~`-separated; one position is the topic's own id,
-//! `<incarnation>-<seq>` in base 36 (see `hub::topic`):
+//! `<epoch>-<seq>` in base 36 (`hub::Position`):
 //!
 //! ```text
 //! id: 1k3f9a-2~8zz1p-5~q0c3b1-11
 //! ```
 //!
 //! A topic that has sent nothing yet on the stream is left out. On reconnect each watched topic
-//! takes the position whose incarnation is its own: same incarnation and still in history →
-//! replay; anything else (unknown, too old, another incarnation, or two positions with that
-//! incarnation) → a fresh snapshot of that topic alone. Positions match by incarnation rather than
-//! by index, so a client may reconnect with its watches in another order, or with more or fewer
-//! of them, and a one-topic id (`1k3f9a-2`) is a valid multiplexed id. Each position costs about
-//! 10 bytes; `[mux] max_watches` bounds the whole.
+//! takes the position whose epoch is its own: same epoch and still in history → replay; anything
+//! else (unknown, too old, another epoch, or two positions with that epoch) → a fresh snapshot of
+//! that topic alone. Positions match by epoch rather than by index, so a client may reconnect
+//! with its watches in another order, or with more or fewer of them, and a one-topic id
+//! (`1k3f9a-2`) is a valid multiplexed id. Each position costs about 10 bytes;
+//! `[mux] max_watches` bounds the whole.
 //!
-//! The id goes on a line of its own (`Item::Own`, made per client) just before the event's shared
-//! text without its own id line (`Item::Bare`, cached once per event), so the topic's encoding is
-//! still shared by every watcher, plain or gzip.
+//! The id line is made per client (`Item::Framed`) and goes just before the event's shared text
+//! without its own id line (cached once per event), so the topic's encoding is still shared by
+//! every watcher, plain or gzip.
 
 use std::collections::{HashMap, VecDeque};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http_body::{Body, Frame, SizeHint};
 use rand::Rng;
 use serde::Serialize;
-use tokio::time::Instant;
 
-use super::encode;
-use super::stream::{Item, ItemSource, StreamClosed};
-use crate::hub::{parse_event_id, Cursor, Delivery, Event, StopReason, Subscription, WatchSlot};
+use super::lifecycle::{Events, Item};
+use super::single::count;
+use crate::hub::{Cursor, Delivery, Event, Position, Subscription, WatchSlot};
+use crate::wire;
 
 /// Positions parsed from one `Last-Event-ID`, at most this many (more than any stream may watch).
 const MAX_POSITIONS: usize = 256;
@@ -199,10 +196,8 @@ impl Registry {
 
 /// How a new multiplexed stream starts.
 pub struct MuxOptions {
+    /// The `retry:` the stream starts with, also told in `hello`.
     pub retry: Duration,
-    pub heartbeat: Duration,
-    pub shutdown: crate::shutdown::Flag,
-    pub shutdown_retry: Duration,
     pub max_watches: usize,
     /// The `Last-Event-ID` (or its query-string stand-in), unparsed.
     pub last_event_id: Option<String>,
@@ -213,16 +208,15 @@ pub struct MuxOptions {
 struct Watch {
     sub: Subscription,
     cursor: Cursor,
-    /// Seq of the newest event of this topic written to the stream (or resumed from): this
-    /// topic's position in the stream's ids. None: nothing yet.
-    sent: Option<u64>,
+    /// The newest position of this topic written to the stream (or resumed from): this topic's
+    /// part of the stream's ids. None: nothing yet.
+    sent: Option<Position>,
 }
 
-/// The multiplexed body. Like `SseStream`, it is polled by hyper only when the socket can take
-/// more, so a slow client simply stops reading from the topics' histories.
-pub struct MuxStream {
+/// The events of every watched topic, round robin, each under an id that holds the stream's
+/// position in all of them.
+pub struct MuxEvents {
     watches: Vec<Watch>,
-    slot: Arc<WatchSlot>,
     control: Arc<Control>,
     registry: Arc<Registry>,
     token: Box<str>,
@@ -230,26 +224,18 @@ pub struct MuxStream {
     next: usize,
     /// The rest of a multi-event delivery (replay, or snapshot + error): watch index and events.
     backlog: VecDeque<(usize, Arc<Event>)>,
-    /// The event whose id line was just yielded: its text goes next.
-    bare: Option<Arc<Event>>,
-    /// `retry:` and `hello`, sent on the first poll.
-    prelude: Option<Bytes>,
-    heartbeat: Duration,
-    last_write: Instant,
-    shutdown: crate::shutdown::Flag,
-    shutdown_retry: Duration,
-    done: bool,
 }
 
-impl MuxStream {
-    /// A stream over `subs` (each made with `slot`, duplicates already removed), registered in
-    /// `registry` under a fresh token. `infos` describe the watches in the same order.
+impl MuxEvents {
+    /// The events of `subs` (each made with `slot`, duplicates already removed), registered in
+    /// `registry` under a fresh token, and the `hello` event that starts the stream. `infos`
+    /// describe the watches in the same order.
     pub fn new(
         registry: Arc<Registry>,
         slot: Arc<WatchSlot>,
         subs: Vec<(Subscription, WatchInfo)>,
         opts: MuxOptions,
-    ) -> MuxStream {
+    ) -> (MuxEvents, Bytes) {
         let positions = opts
             .last_event_id
             .as_deref()
@@ -258,23 +244,23 @@ impl MuxStream {
         let mut infos = Vec::with_capacity(subs.len());
         let mut watches = Vec::with_capacity(subs.len());
         for (sub, info) in subs {
-            let inc = sub.topic.incarnation;
-            let mut mine = positions.iter().filter(|(i, _)| *i == inc);
-            // Two positions with this incarnation (another topic's collided): trust neither.
+            let epoch = sub.topic.channel.head().epoch;
+            let mut mine = positions.iter().filter(|p| p.epoch == epoch);
+            // Two positions with this epoch (another topic's collided): trust neither.
             let last = match (mine.next(), mine.next()) {
                 (Some(&p), None) => Some(p),
                 _ => None,
             };
-            let cursor = sub.topic.resume_cursor(last);
+            let cursor = sub.topic.channel.resume_cursor(last);
             let sent = match cursor {
-                Cursor::At(seq) => Some(seq),
+                Cursor::At(p) => Some(p),
                 Cursor::Fresh => None,
             };
             infos.push(info);
             watches.push(Watch { sub, cursor, sent });
         }
         let control = Arc::new(Control {
-            slot: slot.clone(),
+            slot,
             max_watches: opts.max_watches,
             state: Mutex::new(ControlState {
                 topics: watches
@@ -286,39 +272,25 @@ impl MuxStream {
             }),
         });
         let token = registry.register(&control);
+        let retry = u64::try_from(opts.retry.as_millis()).unwrap_or(u64::MAX);
         let hello = serde_json::json!({
             "type": "hello",
             "token": &*token,
             "control": format!("{}/{}", opts.control_path, token),
             "watches": infos,
             "max_watches": opts.max_watches,
-            "retry": u64::try_from(opts.retry.as_millis()).unwrap_or(u64::MAX),
+            "retry": retry,
         });
-        let mut prelude = BytesMut::new();
-        prelude.extend_from_slice(&encode::retry(
-            u64::try_from(opts.retry.as_millis()).unwrap_or(u64::MAX),
-        ));
-        prelude.extend_from_slice(&encode::event(
-            None,
-            Some("hello"),
-            hello.to_string().as_bytes(),
-        ));
-        MuxStream {
+        let hello = wire::event(None, Some("hello"), hello.to_string().as_bytes());
+        let events = MuxEvents {
             watches,
-            slot,
             control,
             registry,
             token,
             next: 0,
             backlog: VecDeque::new(),
-            bare: None,
-            prelude: Some(prelude.freeze()),
-            heartbeat: opts.heartbeat,
-            last_write: Instant::now(),
-            shutdown: opts.shutdown,
-            shutdown_retry: opts.shutdown_retry,
-            done: false,
-        }
+        };
+        (events, hello)
     }
 
     /// The token control requests name this stream by.
@@ -329,6 +301,11 @@ impl MuxStream {
     /// The control shared with the registry.
     pub fn control(&self) -> &Arc<Control> {
         &self.control
+    }
+
+    /// The subscriptions the stream holds now.
+    pub fn subscriptions(&self) -> impl Iterator<Item = &Subscription> {
+        self.watches.iter().map(|w| &w.sub)
     }
 
     /// Apply queued watch changes. A new watch starts fresh: its snapshot comes next.
@@ -364,31 +341,20 @@ impl MuxStream {
     /// `id: <position>~<position>…\n` after `ev` (of watch `w`) is sent.
     fn id_line(&mut self, w: usize, ev: &Event) -> Bytes {
         if let Some(watch) = self.watches.get_mut(w) {
-            watch.sent = Some(ev.seq);
+            watch.sent = Some(ev.position);
         }
         let mut buf = BytesMut::with_capacity(8 + self.watches.len() * 12);
         buf.put_slice(b"id: ");
         let mut first = true;
-        for watch in &self.watches {
-            let Some(seq) = watch.sent else { continue };
+        for p in self.watches.iter().filter_map(|w| w.sent) {
             if !first {
                 buf.put_u8(b'~');
             }
             first = false;
-            put_base36(&mut buf, u64::from(watch.sub.topic.incarnation));
-            buf.put_u8(b'-');
-            put_base36(&mut buf, seq);
+            p.put(&mut buf);
         }
         buf.put_u8(b'\n');
         buf.freeze()
-    }
-
-    /// Yield `ev`'s id line now and its text on the next poll.
-    fn emit(&mut self, w: usize, ev: Arc<Event>) -> Poll<Option<Item>> {
-        let id = self.id_line(w, &ev);
-        self.bare = Some(ev);
-        self.last_write = Instant::now();
-        Poll::Ready(Some(Item::Own(id)))
     }
 
     /// The next event of any watched topic, scanning from `self.next` round-robin.
@@ -400,7 +366,10 @@ impl MuxStream {
         for k in 0..n {
             let w = (self.next + k) % n;
             let watch = &mut self.watches[w];
-            match watch.sub.topic.next(&mut watch.cursor) {
+            let fresh = watch.cursor == Cursor::Fresh;
+            let delivery = watch.sub.topic.channel.next(&mut watch.cursor);
+            count(watch.sub.topic.metrics(), &delivery, fresh);
+            match delivery {
                 Delivery::Nothing => continue,
                 Delivery::One(ev) => {
                     self.next = (w + 1) % n;
@@ -415,96 +384,22 @@ impl MuxStream {
         }
         None
     }
+}
 
-    fn closing_event(
-        &self,
-        kind: &str,
-        mut data: serde_json::Value,
-        retry: Option<Duration>,
-    ) -> Bytes {
-        if let Some(r) = retry {
-            data["retry"] = serde_json::json!(u64::try_from(r.as_millis()).unwrap_or(u64::MAX));
-        }
-        let envelope = serde_json::json!({
-            "type": kind,
-            "topic": null,
-            "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "data": data,
-        });
-        let mut buf = BytesMut::new();
-        if let Some(r) = retry {
-            buf.extend_from_slice(&encode::retry(
-                u64::try_from(r.as_millis()).unwrap_or(u64::MAX),
-            ));
-        }
-        buf.extend_from_slice(&encode::event(
-            None,
-            Some(kind),
-            envelope.to_string().as_bytes(),
-        ));
-        buf.freeze()
+impl Events for MuxEvents {
+    fn next(&mut self) -> Option<Item> {
+        self.apply_ops();
+        let (w, event) = self.next_event()?;
+        let id = self.id_line(w, &event);
+        Some(Item::Framed { id, event })
     }
 
-    /// The next thing to send, before any content coding (see `stream::Item`).
-    pub fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        // Registering before looking closes the race with a publish between look and register.
-        self.slot.register(cx.waker());
-        self.slot.polled();
-        if let Some(p) = self.prelude.take() {
-            self.last_write = Instant::now();
-            return Poll::Ready(Some(Item::Own(p)));
-        }
-        if let Some(ev) = self.bare.take() {
-            self.last_write = Instant::now();
-            return Poll::Ready(Some(Item::Bare(ev)));
-        }
-        // Access to one of the topics ended (401/403, revoked, token expired): the slot is the
-        // stream's, so the whole stream ends, with nothing more of any topic, only the error.
-        if let Some((error, status)) = self.slot.stop_reason().and_then(StopReason::access_error) {
-            self.done = true;
-            let data = serde_json::json!({ "error": error, "status": status });
-            return Poll::Ready(Some(Item::Own(self.closing_event("error", data, None))));
-        }
-        self.apply_ops();
-        if let Some((w, ev)) = self.next_event() {
-            return self.emit(w, ev);
-        }
-        if self.shutdown.is_cancelled() {
-            self.done = true;
-            let retry = Some(self.shutdown_retry);
-            return Poll::Ready(Some(Item::Own(self.closing_event(
-                "shutdown",
-                reason("herald is restarting"),
-                retry,
-            ))));
-        }
-        match self.slot.stop_reason() {
-            Some(StopReason::Reconfigured) => {
-                self.done = true;
-                let retry = Some(self.shutdown_retry);
-                let data = reason("route reconfigured");
-                return Poll::Ready(Some(Item::Own(self.closing_event("shutdown", data, retry))));
-            }
-            Some(StopReason::SlowConsumer) => {
-                self.done = true;
-                let data = reason("slow-consumer: the client did not read its events in time");
-                return Poll::Ready(Some(Item::Own(self.closing_event("error", data, None))));
-            }
-            _ => {}
-        }
-        let now = Instant::now();
-        if now.duration_since(self.last_write) >= self.heartbeat {
-            self.last_write = now;
-            return Poll::Ready(Some(Item::Heartbeat));
-        }
-        Poll::Pending
+    fn topic(&self) -> Option<&str> {
+        None
     }
 }
 
-impl Drop for MuxStream {
+impl Drop for MuxEvents {
     fn drop(&mut self) {
         let mut st = self.control.lock();
         st.closed = true;
@@ -516,63 +411,13 @@ impl Drop for MuxStream {
     }
 }
 
-impl ItemSource for MuxStream {
-    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
-        MuxStream::poll_item(self, cx)
-    }
-    fn is_done(&self) -> bool {
-        self.done
-    }
-}
-
-impl Body for MuxStream {
-    type Data = Bytes;
-    type Error = StreamClosed;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, StreamClosed>>> {
-        self.get_mut()
-            .poll_item(cx)
-            .map(|o| o.map(|item| Ok(Frame::data(item.into_identity()))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
-fn reason(text: &str) -> serde_json::Value {
-    serde_json::json!({ "reason": text })
-}
-
-fn put_base36(buf: &mut BytesMut, mut n: u64) {
-    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut tmp = [0u8; 13];
-    let mut i = tmp.len();
-    loop {
-        i -= 1;
-        tmp[i] = DIGITS[(n % 36) as usize];
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.put_slice(&tmp[i..]);
-}
-
 /// The positions of a multiplexed id (`<inc>-<seq>~<inc>-<seq>…`); malformed ones are skipped,
 /// so a damaged id costs a snapshot of the topics it names, never a wrong replay.
-pub fn parse_positions(id: &str) -> Vec<(u32, u64)> {
+pub fn parse_positions(id: &str) -> Vec<Position> {
     id.trim()
         .split('~')
         .take(MAX_POSITIONS)
-        .filter_map(parse_event_id)
+        .filter_map(|p| p.parse().ok())
         .collect()
 }
 
@@ -582,14 +427,13 @@ mod tests {
 
     #[test]
     fn positions_round_trip_and_skip_garbage() {
-        let mut buf = BytesMut::new();
-        put_base36(&mut buf, 1_234_567);
-        buf.put_u8(b'-');
-        put_base36(&mut buf, 0);
-        assert_eq!(&buf[..], b"qglj-0");
         assert_eq!(
             parse_positions("qglj-0~1-z~bad~~2-10"),
-            vec![(1_234_567, 0), (1, 35), (2, 36)]
+            vec![
+                Position::new(1_234_567, 0),
+                Position::new(1, 35),
+                Position::new(2, 36)
+            ]
         );
         assert_eq!(parse_positions(""), vec![]);
         assert_eq!(parse_positions(&"1-1~".repeat(1000)).len(), MAX_POSITIONS);

@@ -1,23 +1,23 @@
-//! Prometheus metrics: one `prometheus-client` registry per herald, scraped at `/metrics` on the
-//! admin listener. The hot path never looks a label up: each route's handles (plain atomics) are
-//! resolved once into a [`RouteMetrics`] that its topics and streams keep, and each connection
-//! resolves its protocol's gauge once. Depends on nothing but the hub's event types.
+//! What herald counts and how it redacts: the Prometheus registry (scraped by `admin`) and the
+//! handles the hot path holds, resolved once per route, updated with plain numbers. The bottom
+//! of the module map: it imports nothing from the rest of herald.
+
+mod redact;
+mod shard;
+
+pub use redact::redact;
+pub use shard::{AtomicHistogram, ShardedCounter};
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use prometheus_client::encoding::{
-    EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder, NoLabelSet,
-};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
-
-use crate::hub::{Delivery, Event};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
@@ -72,146 +72,6 @@ const UPSTREAM_BUCKETS: &[f64] = &[
 const DELIVERY_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
 ];
-
-/// Shards of a per-delivery metric. Every worker thread bumps the delivery metrics for every
-/// event it writes; on one shared atomic those adds bounce its cache line between cores (perf put
-/// them at a few percent of a 5,000-watcher fan-out). A thread writes only its own shard; the
-/// shards are summed when scraped.
-const SHARDS: usize = 16;
-
-/// This thread's shard: threads take indices in turn, so up to `SHARDS` threads never share one.
-fn shard_index() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local!(static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
-    INDEX.with(|i| *i)
-}
-
-/// One cache line (two on CPUs that prefetch pairs) per shard.
-#[repr(align(128))]
-#[derive(Debug, Default)]
-struct Line<T>(T);
-
-/// A counter with one shard per thread (see `SHARDS`), exported as a Prometheus counter.
-#[derive(Clone, Debug, Default)]
-pub struct ShardedCounter {
-    shards: Arc<[Line<AtomicU64>; SHARDS]>,
-}
-
-impl ShardedCounter {
-    pub fn inc(&self) {
-        self.inc_by(1);
-    }
-
-    pub fn inc_by(&self, n: u64) {
-        self.shards[shard_index()].0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|l| l.0.load(Ordering::Relaxed))
-            .sum()
-    }
-}
-
-impl TypedMetric for ShardedCounter {
-    const TYPE: MetricType = MetricType::Counter;
-}
-
-impl EncodeMetric for ShardedCounter {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
-    }
-
-    fn metric_type(&self) -> MetricType {
-        MetricType::Counter
-    }
-}
-
-/// Bounds a histogram can have: its buckets (+Inf included), count and sum fill one shard's line.
-const MAX_BOUNDS: usize = 13;
-
-/// A histogram whose `observe` is three relaxed atomic adds on this thread's own shard
-/// (prometheus-client's own takes a mutex, which every watcher of a busy topic would contend
-/// on). The sum is kept in nanoseconds.
-#[derive(Clone, Debug)]
-pub struct AtomicHistogram {
-    inner: Arc<HistInner>,
-}
-
-#[derive(Debug)]
-struct HistInner {
-    bounds: &'static [f64],
-    /// Per shard: one counter per bound, the +Inf bucket (not cumulative: the encoder
-    /// accumulates), then the count and the sum.
-    shards: [Line<[AtomicU64; MAX_BOUNDS + 3]>; SHARDS],
-}
-
-const COUNT: usize = MAX_BOUNDS + 1;
-const SUM: usize = MAX_BOUNDS + 2;
-
-impl AtomicHistogram {
-    pub fn new(bounds: &'static [f64]) -> AtomicHistogram {
-        AtomicHistogram {
-            inner: Arc::new(HistInner {
-                bounds: &bounds[..bounds.len().min(MAX_BOUNDS)],
-                shards: Default::default(),
-            }),
-        }
-    }
-
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let bounds = self.inner.bounds;
-        let i = bounds
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(bounds.len());
-        let cells = &self.inner.shards[shard_index()].0;
-        cells[i].fetch_add(1, Ordering::Relaxed);
-        cells[COUNT].fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        cells[SUM].fetch_add(nanos, Ordering::Relaxed);
-    }
-
-    /// Sum of cell `i` over the shards.
-    fn total(&self, i: usize) -> u64 {
-        self.inner
-            .shards
-            .iter()
-            .map(|l| l.0[i].load(Ordering::Relaxed))
-            .fold(0u64, u64::wrapping_add)
-    }
-
-    pub fn count(&self) -> u64 {
-        self.total(COUNT)
-    }
-}
-
-impl TypedMetric for AtomicHistogram {
-    const TYPE: MetricType = MetricType::Histogram;
-}
-
-impl EncodeMetric for AtomicHistogram {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let buckets: Vec<(f64, u64)> = self
-            .inner
-            .bounds
-            .iter()
-            .copied()
-            .chain(std::iter::once(f64::INFINITY))
-            .enumerate()
-            .map(|(i, bound)| (bound, self.total(i)))
-            .collect();
-        let count = buckets.iter().map(|b| b.1).sum();
-        let sum = self.total(SUM) as f64 / 1e9;
-        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
-    }
-
-    fn metric_type(&self) -> MetricType {
-        MetricType::Histogram
-    }
-}
 
 type HistFamily = Family<RouteLabel, AtomicHistogram, fn() -> AtomicHistogram>;
 
@@ -513,33 +373,6 @@ impl RouteMetrics {
         self.upstream_last_micros.store(micros, Ordering::Relaxed);
     }
 
-    /// [`RouteMetrics::upstream`] for a `reqwest` result (the one-line hook in the poller).
-    pub fn upstream_result(
-        &self,
-        result: &Result<reqwest::Response, reqwest::Error>,
-        elapsed: Duration,
-    ) {
-        let status = match result {
-            Ok(r) => Ok(r.status().as_u16()),
-            Err(e) if e.is_timeout() => Err("timeout"),
-            Err(e) if e.is_connect() => Err("unreachable"),
-            Err(_) => Err("error"),
-        };
-        self.upstream(status, elapsed);
-    }
-
-    /// Await an upstream request, counting it by status and timing it to its response head (the
-    /// one-line hook in the poller).
-    pub async fn time_upstream(
-        &self,
-        request: impl std::future::Future<Output = Result<reqwest::Response, reqwest::Error>>,
-    ) -> Result<reqwest::Response, reqwest::Error> {
-        let sent = std::time::Instant::now();
-        let result = request.await;
-        self.upstream_result(&result, sent.elapsed());
-        result
-    }
-
     pub fn upstream_health(&self) -> UpstreamHealth {
         let last = self.upstream_last_status.load(Ordering::Relaxed);
         let micros = self.upstream_last_micros.load(Ordering::Relaxed);
@@ -555,22 +388,13 @@ impl RouteMetrics {
         }
     }
 
-    /// Events handed to one stream (the one-line hook in `SseStream::poll_item`). `fresh`: the
-    /// stream had nothing yet, so this is its first snapshot (or replay), whose age says nothing
-    /// about delivery latency; live events and replays record the time since they were made.
-    pub fn delivered(&self, events: &Delivery, fresh: bool) {
-        let one = |ev: &Event| {
-            self.events_sent.inc();
-            let len = crate::sse::stream::identity_len(ev);
-            self.event_bytes.inc_by(len as u64);
-            if !fresh {
-                self.delivery_latency.observe(ev.made.elapsed());
-            }
-        };
-        match events {
-            Delivery::Nothing => {}
-            Delivery::One(ev) => one(ev),
-            Delivery::Many(evs) => evs.iter().for_each(|ev| one(ev)),
+    /// One event written to a stream: its SSE size before compression and, for a live event or a
+    /// replay (not a stream's first snapshot), how long ago it was made.
+    pub fn event_sent(&self, bytes: usize, age: Option<Duration>) {
+        self.events_sent.inc();
+        self.event_bytes.inc_by(bytes as u64);
+        if let Some(age) = age {
+            self.delivery_latency.observe(age);
         }
     }
 }
@@ -578,35 +402,6 @@ impl RouteMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Adds from many threads land in different shards and all of them are counted.
-    #[test]
-    fn sharded_metrics_sum_every_thread() {
-        let c = ShardedCounter::default();
-        let h = AtomicHistogram::new(DELIVERY_BUCKETS);
-        std::thread::scope(|s| {
-            for t in 0..20u64 {
-                let (c, h) = (c.clone(), h.clone());
-                s.spawn(move || {
-                    for _ in 0..1000 {
-                        c.inc_by(t + 1);
-                        h.observe(Duration::from_millis(t));
-                    }
-                });
-            }
-        });
-        assert_eq!(c.get(), (1..=20).sum::<u64>() * 1000);
-        assert_eq!(h.count(), 20_000);
-        let sum_ms: u64 = (0..20).sum::<u64>() * 1000;
-        assert_eq!(h.total(SUM), sum_ms * 1_000_000);
-        // Every observation is in exactly one bucket.
-        assert_eq!(
-            (0..=DELIVERY_BUCKETS.len())
-                .map(|i| h.total(i))
-                .sum::<u64>(),
-            20_000
-        );
-    }
 
     #[test]
     fn histogram_buckets_and_text() {

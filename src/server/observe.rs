@@ -1,7 +1,7 @@
-//! What herald observes about each stream and connection as it runs: an SSE body wrapper that
-//! counts open streams and bytes after compression and writes one `info` line when a stream opens
-//! and one when it closes (route, topic, duration, bytes, reason); and a connection wrapper that
-//! learns the protocol (h1/h2) from the first bytes the client sends.
+//! What herald observes about each stream and connection as it runs: one body wrapper per stream
+//! that holds its admission permit, counts open streams and bytes after compression, and writes
+//! one `info` line when the stream opens and one when it closes (route, topic, duration, bytes,
+//! reason); and a connection wrapper that learns the protocol (h1/h2) from the first bytes.
 
 use std::io;
 use std::pin::Pin;
@@ -10,122 +10,89 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tracing::info;
 
-use super::metrics::{Metrics, Protocol, RouteMetrics};
-use crate::hub::{Cursor, StopReason, Subscription, Topic, WatchSlot};
-use crate::server::{BoxError, ResponseBody};
+use super::admission::StreamPermit;
+use super::BoxError;
+use crate::hub::{Cursor, WatchSlot};
+use crate::shutdown::Flag;
+use crate::telemetry::{redact, Metrics, Protocol, RouteMetrics};
 
-/// Query parameters whose values never reach a log line.
-const SECRET_PARAMS: &[&str] = &[
-    "token",
-    "access_token",
-    "auth",
-    "key",
-    "api_key",
-    "apikey",
-    "secret",
-    "password",
-    "session",
-    "signature",
-    "sig",
-    "jwt",
-    "code",
-];
-
-/// A resource for logs: the path, and the query with the values of credential-like parameters
-/// replaced by `***`.
-pub fn redact(resource: &str) -> String {
-    let Some((path, query)) = resource.split_once('?') else {
-        return resource.to_string();
-    };
-    let pairs: Vec<String> = query
-        .split('&')
-        .map(|pair| {
-            let name = pair.split('=').next().unwrap_or(pair);
-            let lower = name.to_ascii_lowercase();
-            let secret = SECRET_PARAMS
-                .iter()
-                .any(|s| lower == *s || lower.ends_with(&format!("_{s}")));
-            if secret {
-                format!("{name}=***")
-            } else {
-                pair.to_string()
-            }
-        })
-        .collect();
-    format!("{path}?{}", pairs.join("&"))
-}
-
-/// One open stream's bookkeeping; dropping it (with the response body) closes the stream's books.
+/// One open stream's bookkeeping; dropped with the response body, it closes the stream's books.
 pub struct StreamLog {
     metrics: Arc<RouteMetrics>,
-    /// For the closing line (redacted then, so an idle stream holds no copy of its resource).
-    topic: Arc<Topic>,
+    /// What the stream watches, for the closing line (redacted then, so an idle stream holds no
+    /// copy of its resource): a topic's resource, or the multiplexed stream's path.
+    what: Arc<str>,
     slot: Arc<WatchSlot>,
-    shutdown: crate::shutdown::Flag,
+    shutdown: Flag,
     started: Instant,
     bytes: u64,
     /// How the body ended: None while open or when the client went away first.
     end: Option<&'static str>,
 }
 
-impl Metrics {
-    /// A stream was just subscribed (the one-line hook in the router): count it, tell whether a
-    /// reconnect was replayed or resynced, and log it. `resumed`: it came with a `Last-Event-ID`.
-    pub fn stream_opened(
-        &self,
-        sub: &Subscription,
-        resumed: bool,
-        cursor: Cursor,
-        shutdown: &crate::shutdown::Flag,
+/// How a stream started, for its opening line and the reconnect metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    New,
+    /// Came with a `Last-Event-ID` whose gap was replayed.
+    Replay,
+    /// Came with a `Last-Event-ID` that could not be replayed: a snapshot instead.
+    Snapshot,
+}
+
+impl Start {
+    pub fn of(resumed: bool, cursor: Cursor) -> Start {
+        match (resumed, cursor) {
+            (false, _) => Start::New,
+            (true, Cursor::Fresh) => Start::Snapshot,
+            (true, Cursor::At(_)) => Start::Replay,
+        }
+    }
+}
+
+impl StreamLog {
+    /// A stream was just opened: count it, tell how it started, and log it. `metrics` are the
+    /// route's (or, for a multiplexed stream, its endpoint's).
+    pub fn opened(
+        metrics: Arc<RouteMetrics>,
+        what: Arc<str>,
+        slot: Arc<WatchSlot>,
+        start: Start,
+        shutdown: &Flag,
     ) -> StreamLog {
-        let metrics = sub.topic.metrics().clone();
         metrics.streams_open.inc();
         metrics.streams_opened.inc();
-        let outcome = match (resumed, cursor) {
-            (false, _) => "new",
-            (true, Cursor::Fresh) => {
+        let start = match start {
+            Start::New => "new",
+            Start::Snapshot => {
                 metrics.snapshots.inc();
                 "snapshot"
             }
-            (true, Cursor::At(_)) => {
+            Start::Replay => {
                 metrics.replays.inc();
                 "replay"
             }
         };
-        let resource = redact(&sub.topic.key.resource);
-        info!(route = %metrics.route, topic = %resource, start = outcome, "stream opened");
+        info!(route = %metrics.route, topic = %redact(&what), start, "stream opened");
         StreamLog {
             metrics,
-            topic: sub.topic.clone(),
-            slot: sub.slot.clone(),
+            what,
+            slot,
             shutdown: shutdown.clone(),
             started: Instant::now(),
             bytes: 0,
             end: None,
         }
     }
-}
-
-impl StreamLog {
-    /// The response body, wrapped so its bytes (after compression) are counted.
-    pub fn wrap(self, body: ResponseBody) -> ResponseBody {
-        Observed { body, log: self }.boxed_unsync()
-    }
 
     fn reason(&self) -> &'static str {
         match (self.end, self.slot.stop_reason()) {
-            (_, Some(StopReason::SlowConsumer)) => "slow-consumer",
-            (_, Some(StopReason::Reconfigured)) => "route-reconfigured",
-            // Access ended (auth): upstream 401/403, revoked by `reauth`, or token expired.
-            (_, Some(StopReason::Unauthorized)) => "unauthorized",
-            (_, Some(StopReason::Forbidden)) => "forbidden",
-            (_, Some(StopReason::Expired)) => "token-expired",
+            (_, Some(stop)) => stop.label(),
             (Some("error"), _) => "error",
             (_, _) if self.shutdown.is_cancelled() => "shutdown",
             (Some(e), _) => e,
@@ -143,7 +110,7 @@ impl Drop for StreamLog {
         }
         info!(
             route = %self.metrics.route,
-            topic = %redact(&self.topic.key.resource),
+            topic = %redact(&self.what),
             duration = ?self.started.elapsed(),
             bytes = self.bytes,
             reason,
@@ -152,12 +119,29 @@ impl Drop for StreamLog {
     }
 }
 
-struct Observed {
-    body: ResponseBody,
+/// A stream's response body with everything that lives as long as it: its books and its place
+/// in the admission counts. One wrapper, statically typed over the body it wraps.
+pub struct Watched<B> {
+    body: B,
     log: StreamLog,
+    _permit: StreamPermit,
 }
 
-impl Body for Observed {
+impl<B> Watched<B> {
+    pub fn new(body: B, log: StreamLog, permit: StreamPermit) -> Watched<B> {
+        Watched {
+            body,
+            log,
+            _permit: permit,
+        }
+    }
+}
+
+impl<B> Body for Watched<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -166,20 +150,25 @@ impl Body for Observed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
+        match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     this.log.bytes += n;
                     this.log.metrics.stream_bytes.inc_by(n);
                 }
+                Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(_))) => this.log.end = Some("error"),
-            Poll::Ready(None) => this.log.end = Some("ended"),
-            Poll::Pending => {}
+            Poll::Ready(Some(Err(e))) => {
+                this.log.end = Some("error");
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.log.end = Some("ended");
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -203,21 +192,19 @@ pub struct Tracked<S> {
     gauge: Option<Gauge>,
 }
 
-impl Metrics {
-    /// Wrap an accepted (and, for TLS, handshaken) connection (the one-line hook in `conn.rs`).
-    pub fn track<S>(self: &Arc<Self>, inner: S, tls: bool) -> Tracked<S> {
+impl<S> Tracked<S> {
+    /// Wrap an accepted (and, for TLS, handshaken) connection.
+    pub fn new(inner: S, metrics: &Arc<Metrics>, tls: bool) -> Tracked<S> {
         Tracked {
             inner,
-            metrics: self.clone(),
+            metrics: metrics.clone(),
             tls,
             head: [0; 3],
             seen: 0,
             gauge: None,
         }
     }
-}
 
-impl<S> Tracked<S> {
     fn classify(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if self.seen >= self.head.len() {
@@ -288,19 +275,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redacts_credentials() {
-        assert_eq!(redact("/a/b"), "/a/b");
-        assert_eq!(
-            redact("/a?page=2&access_token=abc&x_api_key=k"),
-            "/a?page=2&access_token=***&x_api_key=***"
-        );
     }
 }

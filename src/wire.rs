@@ -1,15 +1,14 @@
 //! Server-Sent Events framing (WHATWG HTML §9.2): events, comments and `retry:` as bytes. Field
 //! values may not contain line breaks (refused), and multi-line data becomes several `data:`
-//! lines, so any payload round-trips through a conforming parser.
+//! lines, so any payload round-trips through a conforming parser. Imports nothing from herald:
+//! the hub frames each event once with it, streams their own per-client lines.
 //!
 //! ```
-//! let bytes = herald::sse::encode::event(Some("1-2"), Some("patch"), b"{\"a\":1}\nsecond");
+//! let bytes = herald::wire::event(Some("1-2"), Some("patch"), b"{\"a\":1}\nsecond");
 //! assert_eq!(&bytes[..], b"id: 1-2\nevent: patch\ndata: {\"a\":1}\ndata: second\n\n");
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
-
-use crate::hub::Event;
 
 /// Encode one event. `id` and `name` with a CR, LF or NUL are dropped (they cannot be framed);
 /// `data` is split on CRLF, CR and LF into one `data:` line each.
@@ -32,11 +31,6 @@ pub fn event(id: Option<&str>, name: Option<&str>, data: &[u8]) -> Bytes {
     }
     out.put_u8(b'\n');
     out.freeze()
-}
-
-/// A hub event as SSE: `id`, `event` (its kind) and the envelope as `data`.
-pub fn hub_event(ev: &Event) -> Bytes {
-    event(Some(&ev.id), Some(ev.kind.name()), &ev.envelope)
 }
 
 /// A comment line (`: text`), ignored by clients; used for heartbeats.

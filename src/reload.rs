@@ -6,19 +6,18 @@
 //! change live (listen address, TLS files, `[sse]`…) are reported as needing a restart.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use http::StatusCode;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::Admin;
 use crate::config::{self, Config, ConfigError};
-use crate::hub::{StopReason, WatchSlot};
-use crate::routes::{Route, RouteTable};
-use crate::server::tls::OnHangup;
-use tokio_util::task::TaskTracker;
+use crate::hub::Hub;
+use crate::routes::{LiveRoutes, Route, RouteTable};
+use crate::shutdown::Hangups;
+use crate::telemetry::Metrics;
 
 /// What a successful reload changed.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -59,28 +58,54 @@ impl ReloadError {
     }
 }
 
-/// The one-line hook in `Hub::subscribe`: a stream that resolved a route just before a reload
-/// retired it ends at once (with its final event) rather than living on with old settings.
-pub fn check_retired(route: &Route, slot: &WatchSlot) {
-    if route.retired.load(Ordering::Acquire) {
-        slot.stop(StopReason::Reconfigured);
+/// Reloads the config: what SIGHUP and `POST /reload` both call.
+pub struct Reloader {
+    /// The config in force: startup settings, with routes as last reloaded; the base of the next
+    /// reload's comparison.
+    running: Mutex<Arc<Config>>,
+    /// One reload at a time (SIGHUP and `POST /reload` may race).
+    reloading: Mutex<()>,
+    routes: Arc<LiveRoutes>,
+    hub: Hub,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").finish_non_exhaustive()
     }
 }
 
-/// The SIGHUP hook (the TLS watcher's signal listener calls it): reload off the async workers.
-/// The outcome is logged by `reload`.
-pub fn on_hangup(admin: &Arc<Admin>, tracker: &TaskTracker) -> OnHangup {
-    let (admin, tracker) = (admin.clone(), tracker.clone());
-    Arc::new(move || {
-        info!("SIGHUP: reloading the config");
-        let admin = admin.clone();
-        tracker.spawn_blocking(move || {
-            let _ = admin.reload();
-        });
-    })
-}
+impl Reloader {
+    pub fn new(
+        running: Arc<Config>,
+        routes: Arc<LiveRoutes>,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+    ) -> Reloader {
+        Reloader {
+            running: Mutex::new(running),
+            reloading: Mutex::new(()),
+            routes,
+            hub,
+            metrics,
+        }
+    }
 
-impl Admin {
+    /// Reload on every SIGHUP until `cancel`, off the async workers.
+    pub async fn on_hangups(self: Arc<Self>, mut hangups: Hangups, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = hangups.next() => {}
+            }
+            info!("SIGHUP: reloading the config");
+            let me = self.clone();
+            // The outcome is logged by `reload`.
+            let _ = tokio::task::spawn_blocking(move || me.reload()).await;
+        }
+    }
+
     /// Reload the config file (blocking: call it off the async workers). Logs the outcome.
     pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
         let _one = self
@@ -139,7 +164,7 @@ impl Admin {
 
     /// Swap in `new`'s routes, keeping the `Route`s (ids, topics, streams) of unchanged ones.
     fn apply(&self, new: &Config) -> ReloadReport {
-        let routes = &self.app.routes;
+        let routes = &self.routes;
         let table = routes.current();
         let old: HashMap<&str, &Arc<Route>> = table
             .routes()
@@ -162,11 +187,7 @@ impl Admin {
                 Some(_) => report.changed.push(source.clone()),
                 None => report.added.push(source.clone()),
             }
-            next.push(Arc::new(Route {
-                index: routes.next_id(),
-                config: r.clone(),
-                retired: Default::default(),
-            }));
+            next.push(Arc::new(Route::new(routes.next_id(), r.clone())));
         }
         let retired: Vec<Arc<Route>> = table
             .routes()
@@ -181,10 +202,9 @@ impl Admin {
         }
         routes.replace(RouteTable::from_routes(next));
         // After the swap no request resolves these routes again; one that resolved one just
-        // before sees the flag when it subscribes (`check_retired`).
+        // before is refused when it subscribes (`Hub::subscribe` checks the flag).
         for o in retired {
-            o.retired.store(true, Ordering::Release);
-            report.topics_closed += self.app.hub.retire_route(o.index);
+            report.topics_closed += self.hub.retire_route(&o);
         }
         report
     }

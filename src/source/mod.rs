@@ -1,0 +1,152 @@
+//! Where a topic's documents come from. A [`Source`] feeds one topic until cancelled, sending each
+//! [`Update`] through the topic's [`Feed`]; the hub's writer does the rest (coalescing, diff,
+//! sequence). Polling (`poll`) is one source; [`Origin`] is the HTTP client they share.
+//!
+//! ```text
+//! Source::run(target, feed, cancel) ──Update──► Feed ──► hub writer (coalesce → diff → publish)
+//! ```
+
+pub mod origin;
+mod poll;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::HeaderMap;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::routes::Route;
+use crate::telemetry::RouteMetrics;
+
+pub use origin::Origin;
+pub use poll::Poller;
+
+/// A document as a source read it, parsed as far as its content type allows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Document {
+    Json(serde_json::Value),
+    /// A body that is not JSON (served as a snapshot-only topic).
+    Text(String),
+}
+
+/// What a source learned about its topic.
+#[derive(Debug)]
+pub enum Update {
+    /// The resource's current state (it may equal the last one; the writer decides).
+    Document(Document),
+    /// The source knows the state did not change (a 304, or the same bytes as last time).
+    Unchanged,
+    /// The source could not read the resource; the last good state stays.
+    Failed(SourceError),
+}
+
+/// Why a source could not read its resource. `Clone` so one failure can be told to every watcher.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach upstream")]
+    Connect,
+    #[error("upstream answered {0}")]
+    Status(u16),
+    #[error("upstream body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("upstream body is not valid JSON")]
+    InvalidJson,
+    #[error("upstream request failed")]
+    Other,
+}
+
+impl SourceError {
+    /// A short machine-readable reason for the `upstream-error` event.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SourceError::Timeout(_) => "timeout",
+            SourceError::Connect => "unreachable",
+            SourceError::Status(_) => "status",
+            SourceError::TooLarge(_) => "too-large",
+            SourceError::InvalidJson => "invalid-json",
+            SourceError::Other => "request-failed",
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            SourceError::Status(s) => Some(*s),
+            _ => None,
+        }
+    }
+}
+
+/// The topic a source is asked to feed.
+#[derive(Debug)]
+pub struct Target {
+    pub route: Arc<Route>,
+    /// The upstream path and canonical query (`/api/builds/42?page=2`).
+    pub resource: Arc<str>,
+    /// Headers every upstream request for this topic carries (its credentials, when it varies by
+    /// them); never logged.
+    pub credentials: HeaderMap,
+    /// The route's metric handles (upstream requests by status, latency).
+    pub metrics: Arc<RouteMetrics>,
+    /// Notified to ask for a fresh read now (a poke), whatever the schedule says.
+    pub poke: Arc<Notify>,
+}
+
+/// Feeds one topic until `cancel` fires. Implementations send every update through `feed`, in
+/// order, and return when cancelled or when the feed is closed (the topic is gone).
+pub trait Source: Send + Sync + 'static {
+    fn run(&self, target: Target, feed: Feed, cancel: CancellationToken) -> BoxFuture<'static, ()>;
+}
+
+/// The sending side of a topic's updates. Bounded: a source that outpaces its writer waits.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    tx: mpsc::Sender<Update>,
+}
+
+/// The topic is gone: its source should stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the topic no longer takes updates")]
+pub struct Closed;
+
+impl Feed {
+    /// A feed and the receiving side its writer reads.
+    pub fn channel() -> (Feed, mpsc::Receiver<Update>) {
+        let (tx, rx) = mpsc::channel(1);
+        (Feed { tx }, rx)
+    }
+
+    pub async fn send(&self, update: Update) -> Result<(), Closed> {
+        self.tx.send(update).await.map_err(|_| Closed)
+    }
+}
+
+/// Parse a body by its content type: JSON types must parse; other types are text; no type at all
+/// is tried as JSON first.
+pub fn parse_body(bytes: &Bytes, content_type: Option<&str>) -> Result<Document, SourceError> {
+    let ct = content_type.map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    let is_json = ct
+        .as_deref()
+        .is_some_and(|c| c == "application/json" || c.ends_with("+json"));
+    if is_json || ct.is_none() {
+        match serde_json::from_slice(bytes) {
+            Ok(v) => return Ok(Document::Json(v)),
+            Err(_) if is_json => return Err(SourceError::InvalidJson),
+            Err(_) => {}
+        }
+    }
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Ok(Document::Text(s.to_string())),
+        Err(_) => Err(SourceError::InvalidJson),
+    }
+}
