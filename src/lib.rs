@@ -29,22 +29,22 @@
 //! `main.rs` parses arguments, loads the config and calls [`run`]; tests bind `127.0.0.1:0`
 //! themselves and use [`Herald`].
 
-pub mod admin;
-pub mod auth;
-pub mod config;
-pub mod demo;
-pub mod diff;
-pub mod error;
-pub mod hub;
-pub mod reload;
-pub mod reply;
-pub mod routes;
-pub mod server;
-pub mod shutdown;
-pub mod source;
-pub mod sse;
 pub mod telemetry;
+pub mod reply;
 pub mod wire;
+pub mod shutdown;
+pub mod config;
+pub mod error;
+pub mod routes;
+pub mod source;
+pub mod diff;
+pub mod hub;
+pub mod auth;
+pub mod reload;
+pub mod sse;
+pub mod server;
+pub mod admin;
+pub mod demo;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -210,13 +210,7 @@ impl Herald {
             let Some(addr) = self.admin_addr else {
                 return Ok(None);
             };
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Listen {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            self.admin_listener = Some(listener);
+            self.admin_listener = Some(bind(addr).await?);
         }
         Ok(self
             .admin_listener
@@ -281,12 +275,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let addr = config.listen;
     let mut herald = Herald::new(config)?;
     herald.bind_admin().await?;
-    let listener = TcpListener::bind(addr)
+    let listener = bind(addr).await?;
+    tracing::info!(%addr, tls = herald.tls().is_some(), "listening");
+    herald.serve(listener, shutdown).await
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Listen {
             addr: addr.to_string(),
             source,
-        })?;
-    tracing::info!(%addr, tls = herald.tls().is_some(), "listening");
-    herald.serve(listener, shutdown).await
+        })
 }
