@@ -305,8 +305,10 @@ fn same_kind(a: &Value, b: &Value) -> bool {
 fn apply_both(doc: &Value, patch: &Value) -> Result<(Value, Value), String> {
     let mut ours = doc.clone();
     apply_json_patch(&mut ours, patch).map_err(|e| format!("our applier: {e}"))?;
+    // From text, as clients read it: with `arbitrary_precision`, `from_value` hands integers
+    // past 64 bits to serde as u128, which `json_patch`'s tagged-enum buffering refuses.
     let parsed: json_patch::Patch =
-        serde_json::from_value(patch.clone()).map_err(|e| format!("not a json-patch: {e}"))?;
+        serde_json::from_str(&patch.to_string()).map_err(|e| format!("not a json-patch: {e}"))?;
     let mut theirs = doc.clone();
     json_patch::patch(&mut theirs, &parsed).map_err(|e| format!("json-patch crate: {e}"))?;
     Ok((ours, theirs))
