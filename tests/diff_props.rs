@@ -39,6 +39,21 @@ const STRINGS: &[&str] = &[
     "line\nbreak",
 ];
 const FLOATS: &[f64] = &[1.5, -0.0, 2.5e-3, -7.25, 1e21];
+/// Numbers as the upstream's text: kept exactly, and equal only to the same text (`1` and `1.0`
+/// differ), so every diff path must treat them by text (`src/diff/eq.rs`).
+const NUMBER_TEXTS: &[&str] = &[
+    "1796195052.4752579",
+    "1796195052.475258",
+    "123456789012345678901234567890",
+    "123456789012345678901234567891",
+    "1e400",
+    "-0",
+    "0",
+    "0.10",
+    "0.1",
+    "1.0",
+    "1",
+];
 
 fn scalar() -> impl Strategy<Value = Value> {
     prop_oneof![
@@ -46,6 +61,8 @@ fn scalar() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::Bool),
         (-3i64..10).prop_map(Value::from),
         prop::sample::select(FLOATS).prop_map(Value::from),
+        prop::sample::select(NUMBER_TEXTS)
+            .prop_map(|t| serde_json::from_str(t).expect("a JSON number")),
         prop::sample::select(STRINGS).prop_map(Value::from),
     ]
 }
