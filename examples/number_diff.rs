@@ -6,6 +6,25 @@
 //! cargo run --release --example number_diff [rounds]
 //! ```
 //!
+//! Results (2 shared cores under load average 5-8, so wall times are the fastest of 4 x 100
+//! rounds and rough; instruction counts from `valgrind --tool=callgrind ... 3` are not):
+//!
+//! | 920 KB, 36,003 numbers         | without (11163d5) | `arbitrary_precision` (3f0b528) |
+//! |--------------------------------|-------------------|---------------------------------|
+//! | memory per parsed document     | 8.75 MiB          | 10.35 MiB (+18%, +46 B/number)  |
+//! | parse                          | 15.6 ms           | 20.2 ms (2x the instructions)   |
+//! | diff, equal documents          | 1.7 ms            | 2.2 ms                          |
+//! | diff, keyed by id              | 4.9 ms            | 8.2 ms                          |
+//! | diff, by content (LCS)         | 6.3 ms            | 8.6 ms                          |
+//! | diff, merge patch              | 13.7 ms           | 20.5 ms                         |
+//! | all diff calls, instructions   | 342.8 M           | 343.1 M (the same work)         |
+//! | serialize snapshot             | 2.9 ms            | 2.7 ms                          |
+//! | clone                          | 10.5 ms           | 14.9 ms                         |
+//!
+//! The diff does the same work; it waits longer on memory, each number now being a pointer to
+//! its own small allocation. The patch grows from 20,932 to 21,825 bytes because it now carries
+//! the exact digits.
+//!
 //! The document is a market-data style list: `{"generated": .., "items": [{"id", "symbol",
 //! "price", "bid", "ask", "volume", "change", "ts", "ref"}, ..]}` with 16–17-significant-digit
 //! floats, small integers, timestamps with 7 decimals and 30-digit references. The next version
