@@ -37,9 +37,13 @@ pub(crate) fn verify(cfg: &Jwt, token: &str) -> Result<Verified, Invalid> {
         JwtAlg::ES256 => Algorithm::ES256,
     };
     let mut v = Validation::new(alg);
-    v.leeway = cfg.leeway.as_secs();
-    // `exp` is what closes the stream: a token without one is refused.
-    v.set_required_spec_claims(&["exp"]);
+    // `exp` and `nbf` are checked by `claims` from the numbers' exact text. jsonwebtoken's own
+    // check reads them as `u64`/`f64` through serde, and with serde_json's
+    // `arbitrary_precision` (which herald needs) any non-integer such as `1.7e9` or
+    // `1700000000.5` fails that read and is then skipped: a fractional `nbf` would be ignored.
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.set_required_spec_claims::<&str>(&[]);
     if !cfg.audience.is_empty() {
         v.set_audience(&cfg.audience);
     } else {
@@ -48,7 +52,6 @@ pub(crate) fn verify(cfg: &Jwt, token: &str) -> Result<Verified, Invalid> {
     if !cfg.issuer.is_empty() {
         v.set_issuer(&cfg.issuer);
     }
-    v.validate_nbf = true;
     let header = jsonwebtoken::decode_header(token).map_err(|_| Invalid::Other("malformed"))?;
     if header.alg != alg {
         return Err(Invalid::Other("wrong algorithm"));
@@ -68,7 +71,7 @@ pub(crate) fn verify(cfg: &Jwt, token: &str) -> Result<Verified, Invalid> {
     let mut last = Invalid::Signature;
     for (_, key) in candidates {
         match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, &v) {
-            Ok(data) => return claims(cfg, &data.claims),
+            Ok(data) => return claims(cfg, &data.claims, SystemTime::now()),
             Err(e) => {
                 use jsonwebtoken::errors::ErrorKind as K;
                 last = match e.kind() {
@@ -87,24 +90,67 @@ pub(crate) fn verify(cfg: &Jwt, token: &str) -> Result<Verified, Invalid> {
     Err(last)
 }
 
+/// Check `exp` (required: it is what closes the stream) and `nbf` against `now` with the
+/// configured leeway, and read the subject claim.
 fn claims(
     cfg: &Jwt,
     claims: &serde_json::Map<String, serde_json::Value>,
+    now: SystemTime,
 ) -> Result<Verified, Invalid> {
     let subject = match claims.get(&cfg.claim) {
         Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+        // A numeric subject is its exact text (a 30-digit id stays itself).
         Some(v @ serde_json::Value::Number(_)) => v.to_string(),
         _ => return Err(Invalid::MissingClaim(cfg.claim.clone())),
     };
-    let exp = claims
-        .get("exp")
-        .and_then(|e| e.as_u64().or_else(|| e.as_f64().map(|f| f as u64)))
-        .ok_or_else(|| Invalid::MissingClaim("exp".into()))?;
-    let valid_until = UNIX_EPOCH + Duration::from_secs(exp) + cfg.leeway;
+    let exp = match claims.get("exp") {
+        Some(serde_json::Value::Number(n)) => numeric_date(n),
+        _ => return Err(Invalid::MissingClaim("exp".into())),
+    };
+    let valid_until = later_by(exp, cfg.leeway);
+    if valid_until < now {
+        return Err(Invalid::Expired);
+    }
+    match claims.get("nbf") {
+        None => {}
+        Some(serde_json::Value::Number(n)) => {
+            let nbf = numeric_date(n);
+            if nbf > later_by(now, cfg.leeway) {
+                return Err(Invalid::Other("not yet valid"));
+            }
+        }
+        // Refused rather than ignored: a check we cannot read must not pass.
+        Some(_) => return Err(Invalid::Other("malformed")),
+    }
     Ok(Verified {
         subject,
         valid_until,
     })
+}
+
+/// The latest time a NumericDate is taken to mean, 9999-12-31T23:59:59Z: later ones (a 30-digit
+/// `exp`, `1e+400`) read as this, so no time arithmetic downstream (the stream's expiry timer)
+/// can overflow.
+const LATEST: Duration = Duration::from_secs(253_402_300_799);
+
+/// `t + by`, at most [`LATEST`] (a leeway is not bounded by the config).
+fn later_by(t: SystemTime, by: Duration) -> SystemTime {
+    let latest = UNIX_EPOCH + LATEST;
+    t.checked_add(by).map_or(latest, |t| t.min(latest))
+}
+
+/// A NumericDate (RFC 7519 §2: seconds since the epoch, not necessarily an integer) as a time,
+/// from the number's exact text: `1700000000`, `1.7e9` and `1700000000.5` all work. Dates
+/// before the epoch read as the epoch, dates after [`LATEST`] as `LATEST`.
+fn numeric_date(n: &serde_json::Number) -> SystemTime {
+    // Rust's parser rounds correctly and saturates: a huge exponent is infinity, a tiny one 0.
+    let secs = n.as_str().parse::<f64>().unwrap_or(0.0);
+    let since_epoch = if secs > 0.0 {
+        Duration::try_from_secs_f64(secs).map_or(LATEST, |d| d.min(LATEST))
+    } else {
+        Duration::ZERO
+    };
+    UNIX_EPOCH + since_epoch
 }
 
 #[cfg(test)]
@@ -172,6 +218,106 @@ mod tests {
             Err(Invalid::MissingClaim(_))
         ));
         assert!(verify(&cfg(), "not.a.token").is_err());
+    }
+
+    /// Claims written as JSON text, so numbers keep the exact form under test.
+    fn claims_text(text: &str) -> serde_json::Value {
+        serde_json::from_str(text).unwrap()
+    }
+
+    /// RFC 7519 NumericDates need not be integers: `exp`/`nbf` written as fractions or with an
+    /// exponent are read by value; huge ones are clamped instead of overflowing the clock.
+    #[test]
+    fn numeric_dates_in_any_spelling() {
+        let soon = now() + 60;
+        let valid_until = |exp: &str| {
+            let t = token(
+                claims_text(&format!(r#"{{"sub":"a","exp":{exp}}}"#)),
+                SECRET,
+            );
+            verify(&cfg(), &t).map(|v| v.valid_until)
+        };
+        assert_eq!(
+            valid_until(&format!("{soon}.5")),
+            Ok(UNIX_EPOCH + Duration::from_millis(soon * 1000 + 500))
+        );
+        assert_eq!(
+            valid_until(&format!("{}e-1", soon * 10)),
+            Ok(UNIX_EPOCH + Duration::from_secs(soon))
+        );
+        assert_eq!(
+            valid_until(&format!("{soon}.0")),
+            Ok(UNIX_EPOCH + Duration::from_secs(soon))
+        );
+        // 2023-11-14: long past, so expired (not "missing").
+        assert_eq!(valid_until("1.7e9"), Err(Invalid::Expired));
+        assert_eq!(valid_until("-1"), Err(Invalid::Expired));
+        let latest = Ok(UNIX_EPOCH + LATEST);
+        for huge in [
+            "18446744073709551615",
+            "123456789012345678901234567890",
+            "1e400",
+        ] {
+            assert_eq!(valid_until(huge), latest, "{huge}");
+        }
+        assert_eq!(
+            valid_until(r#""9999999999""#),
+            Err(Invalid::MissingClaim("exp".into()))
+        );
+
+        let with_nbf = |nbf: &str| {
+            let t = token(
+                claims_text(&format!(r#"{{"sub":"a","exp":{soon},"nbf":{nbf}}}"#)),
+                SECRET,
+            );
+            verify(&cfg(), &t).map(|_| ())
+        };
+        assert_eq!(with_nbf("1.7e9"), Ok(()));
+        assert_eq!(with_nbf(&format!("{}.5", now() - 1)), Ok(()));
+        let later = format!("{}.5", now() + 3600);
+        assert_eq!(with_nbf(&later), Err(Invalid::Other("not yet valid")));
+        assert_eq!(
+            with_nbf(&format!("{}e1", (now() + 3600) / 10 + 1)),
+            Err(Invalid::Other("not yet valid"))
+        );
+        assert_eq!(with_nbf("1e400"), Err(Invalid::Other("not yet valid")));
+        assert_eq!(with_nbf(r#""0""#), Err(Invalid::Other("malformed")));
+        let lenient = Jwt {
+            leeway: Duration::from_secs(7200),
+            ..cfg()
+        };
+        let t = token(
+            claims_text(&format!(r#"{{"sub":"a","exp":{soon},"nbf":{later}}}"#)),
+            SECRET,
+        );
+        assert!(verify(&lenient, &t).is_ok());
+        let huge_leeway = Jwt {
+            leeway: Duration::MAX,
+            ..cfg()
+        };
+        let t = token(
+            claims_text(r#"{"sub":"a","exp":18446744073709551615}"#),
+            SECRET,
+        );
+        assert_eq!(
+            verify(&huge_leeway, &t).map(|v| v.valid_until),
+            Ok(UNIX_EPOCH + LATEST)
+        );
+    }
+
+    #[test]
+    fn numeric_subject_is_its_exact_text() {
+        let t = token(
+            claims_text(&format!(
+                r#"{{"sub":123456789012345678901234567890,"exp":{}}}"#,
+                now() + 60
+            )),
+            SECRET,
+        );
+        assert_eq!(
+            verify(&cfg(), &t).unwrap().subject,
+            "123456789012345678901234567890"
+        );
     }
 
     #[test]

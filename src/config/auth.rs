@@ -541,3 +541,29 @@ fn load_jwks(
     }
     Ok(keys)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JWKS goes through `#[serde(flatten)]` and untagged enums in jsonwebtoken, which buffer
+    /// members; with serde_json's `arbitrary_precision` a number there is a special map. Extra
+    /// numeric members (floats, integers past 64 bits) must still leave the keys readable.
+    #[test]
+    fn jwks_with_numeric_members_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(
+            &path,
+            r#"{"keys":[{"kty":"oct","kid":"k1","alg":"HS256",
+                "k":"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY",
+                "iat":1.7e9,"nbf":1700000000.5,"serial":123456789012345678901234567890,
+                "n":-0}],
+               "generated":1796195052.4752579}"#,
+        )
+        .unwrap();
+        let keys = load_jwks(JwtAlg::HS256, &path).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].0.as_deref(), Some("k1"));
+    }
+}

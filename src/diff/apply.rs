@@ -2,6 +2,8 @@
 
 use serde_json::{Map, Value};
 
+use super::eq::numeric_eq;
+
 /// Why a JSON Patch could not be applied. `op` is the index of the failing operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
@@ -357,17 +359,11 @@ fn rollback(doc: &mut Value, undo: Vec<Undo>) {
     }
 }
 
-/// JSON equality for `test`: numbers compare by value (`1` equals `1.0`), objects ignore
-/// member order.
+/// JSON equality for `test` (RFC 6902 §4.6): numbers compare by exact value (`1` equals `1.0`;
+/// 30-digit integers one apart differ), objects ignore member order.
 fn json_equal(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            if x.is_f64() || y.is_f64() {
-                x.as_f64() == y.as_f64()
-            } else {
-                x == y
-            }
-        }
+        (Value::Number(x), Value::Number(y)) => numeric_eq(x, y),
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_equal(p, q))
         }

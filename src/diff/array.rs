@@ -363,13 +363,13 @@ fn longest_increasing(seq: &[usize]) -> Vec<usize> {
 // ---------------------------------------------------------------------------------------------
 // Alignment by identity key.
 
-/// An element's identity: the scalar under the route's key.
+/// An element's identity: the scalar under the route's key. Numbers are identified by their
+/// text, as they are compared (`eq.rs`): `7` and `7.0` are different elements, and 30-digit ids
+/// one apart stay apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Identity<'a> {
     Str(&'a str),
-    Uint(u64),
-    Int(i64),
-    Float(u64),
+    Num(&'a str),
     Bool(bool),
 }
 
@@ -388,18 +388,7 @@ fn identities<'a>(key: &str, elems: &'a [Value]) -> Option<Vec<Identity<'a>>> {
         let id = match value {
             Value::String(s) => Identity::Str(s),
             Value::Bool(b) => Identity::Bool(*b),
-            Value::Number(n) => {
-                if let Some(u) = n.as_u64() {
-                    Identity::Uint(u)
-                } else if let Some(i) = n.as_i64() {
-                    Identity::Int(i)
-                } else {
-                    Identity::Float(
-                        n.as_f64()
-                            .map_or(0, |f| if f == 0.0 { 0 } else { f.to_bits() }),
-                    )
-                }
-            }
+            Value::Number(n) => Identity::Num(n.as_str()),
             _ => return None,
         };
         if !seen.insert(id) {

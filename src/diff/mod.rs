@@ -19,6 +19,9 @@
 //! * wherever the operations describing one object or array would be at least as large as a
 //!   single `replace` of it, they are collapsed into that `replace`.
 //!
+//! Numbers are compared by their text as the upstream wrote it (serde_json's
+//! `arbitrary_precision`): `1.0` → `1` is a change, the same text is not (`eq.rs` says why).
+//!
 //! Operations are emitted in application order: array indexes account for every earlier
 //! operation, so any conforming RFC 6902 implementation reproduces the new document.
 //! [`apply_json_patch`] and [`apply_merge_patch`] are this crate's own appliers, used by tests

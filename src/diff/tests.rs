@@ -36,7 +36,9 @@ fn assert_applies(old: &Value, patch: &Value, new: &Value) {
     apply_json_patch(&mut ours, patch).unwrap_or_else(|e| panic!("{e}: {patch}"));
     assert_eq!(&ours, new, "our applier, patch {patch}");
     let mut theirs = old.clone();
-    let p: ::json_patch::Patch = serde_json::from_value(patch.clone()).unwrap();
+    // Read from text, as a client does: with `arbitrary_precision`, `from_value` hands integers
+    // past 64 bits to serde as u128, which the tagged-enum buffering in `json_patch` refuses.
+    let p: ::json_patch::Patch = serde_json::from_str(&patch.to_string()).unwrap();
     ::json_patch::patch(&mut theirs, &p).unwrap_or_else(|e| panic!("{e}: {patch}"));
     assert_eq!(&theirs, new, "json-patch crate, patch {patch}");
 }
@@ -684,4 +686,167 @@ fn applier_is_atomic() {
         "{err:?}"
     );
     assert_eq!(d, doc);
+}
+
+// --- exact numbers ---------------------------------------------------------------------------
+
+/// Number texts a lossy (`f64`) reading would change or refuse, and same values spelled
+/// differently. Exponents are written as serde_json keeps them (`e+N`/`e-N`, see `eq.rs`).
+const EXACT: &[&str] = &[
+    "1796195052.4752579", // 17 significant digits; printed back from f64: 1796195052.475258
+    "0.30000000000000004",
+    "2.2250738585072014e-308",
+    "9007199254740993",     // 2^53 + 1: no f64
+    "18446744073709551616", // u64::MAX + 1
+    "-9223372036854775809", // i64::MIN - 1
+    "123456789012345678901234567890",
+    "-123456789012345678901234567890",
+    "1e+400", // beyond f64
+    "-1e+400",
+    "1e-400",
+    "-0",
+    "-0.0",
+    "0",
+    "0.1",
+    "0.10",
+    "1.0",
+    "1",
+    "100",
+    "1e+2",
+];
+
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn numbers_keep_their_text() {
+    for n in EXACT {
+        let text = format!(r#"{{"n":{n},"a":[{n}]}}"#);
+        assert_eq!(parse(&text).to_string(), text);
+    }
+}
+
+/// Every pair of numbers from `EXACT`, in a document big enough for a patch to pay: no change
+/// exactly when the texts are equal, otherwise a patch (or merge patch) that gives back the new
+/// document's text byte for byte.
+#[test]
+fn exact_numbers_through_diff_and_apply() {
+    let pad = "p".repeat(200);
+    for a in EXACT {
+        for b in EXACT {
+            let old_text = format!(r#"{{"n":{a},"list":[{a},{{"x":{a}}}],"pad":"{pad}"}}"#);
+            let new_text = format!(r#"{{"n":{b},"list":[{a},{{"x":{b}}}],"pad":"{pad}"}}"#);
+            let (old, new) = (parse(&old_text), parse(&new_text));
+            for opts in both() {
+                let change = diff(&old, &new, Mode::JsonPatch, &opts);
+                if a == b {
+                    assert_eq!(change, Change::None, "{a} -> {b}");
+                    continue;
+                }
+                let Change::Patch(patch) = change else {
+                    panic!("{a} -> {b}: expected a patch, got {change:?}");
+                };
+                assert_eq!(
+                    patch.to_string(),
+                    format!(
+                        r#"[{{"op":"replace","path":"/n","value":{b}}},{{"op":"replace","path":"/list/1/x","value":{b}}}]"#
+                    )
+                );
+                assert_applies(&old, &patch, &new);
+                let mut applied = old.clone();
+                apply_json_patch(&mut applied, &patch).unwrap();
+                assert_eq!(applied.to_string(), new_text, "{a} -> {b}");
+            }
+            match diff(&old, &new, Mode::MergePatch, &Options::default()) {
+                Change::None => assert_eq!(a, b),
+                Change::Patch(patch) => {
+                    assert_eq!(
+                        patch.to_string(),
+                        format!(r#"{{"n":{b},"list":[{a},{{"x":{b}}}]}}"#)
+                    );
+                    let mut applied = old.clone();
+                    apply_merge_patch(&mut applied, &patch);
+                    assert_eq!(applied.to_string(), new_text, "{a} -> {b}");
+                }
+                Change::Snapshot => panic!("{a} -> {b}: a merge patch is smaller"),
+            }
+            let snapshot = diff(&old, &new, Mode::Snapshot, &Options::default());
+            let expected = if a == b {
+                Change::None
+            } else {
+                Change::Snapshot
+            };
+            assert_eq!(snapshot, expected, "{a} -> {b}");
+        }
+    }
+}
+
+/// Array elements are matched by identity numbers' text: 30-digit ids one apart (equal as
+/// `f64`) are two elements, and `7` and `7.0` are different ids.
+#[test]
+fn exact_numbers_as_identities() {
+    let pad = "p".repeat(60);
+    let el = |id: &str| format!(r#"{{"id":{id},"pad":"{pad}"}}"#);
+    let ids = [
+        "123456789012345678901234567890",
+        "123456789012345678901234567891",
+        "7",
+        "7.0",
+        "-0",
+        "0",
+    ];
+    let old_text = format!(
+        "[{}]",
+        ids.iter().map(|i| el(i)).collect::<Vec<_>>().join(",")
+    );
+    let new_text = format!(
+        "[{}]",
+        ids.iter()
+            .rev()
+            .map(|i| el(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (old, new) = (parse(&old_text), parse(&new_text));
+    let patch = expect_patch(&old, &new, &keyed());
+    let ops = patch.as_array().unwrap();
+    assert!(
+        ops.iter().all(|op| op["op"] == "move"),
+        "a reorder of distinct ids is only moves: {patch}"
+    );
+    let mut applied = old.clone();
+    apply_json_patch(&mut applied, &patch).unwrap();
+    assert_eq!(applied.to_string(), new_text);
+}
+
+/// `test` compares numbers by exact value (RFC 6902 §4.6), never through `f64`.
+#[test]
+fn test_op_compares_exact_values() {
+    let cases = [
+        ("1.0", "1", true),
+        ("1e+2", "100", true),
+        ("-0", "0", true),
+        ("0.10", "0.1", true),
+        (
+            "123456789012345678901234567890",
+            "123456789012345678901234567890.0",
+            true,
+        ),
+        (
+            "123456789012345678901234567890",
+            "123456789012345678901234567891",
+            false,
+        ),
+        ("1796195052.4752579", "1796195052.475258", false),
+        ("1e+400", "1e+401", false),
+    ];
+    for (actual, expected, ok) in cases {
+        let mut doc = parse(&format!(r#"{{"a":[{actual}]}}"#));
+        let patch = parse(&format!(
+            r#"[{{"op":"test","path":"/a/0","value":{expected}}}]"#
+        ));
+        let result = apply_json_patch(&mut doc, &patch);
+        assert_eq!(result.is_ok(), ok, "{actual} vs {expected}: {result:?}");
+    }
 }

@@ -127,6 +127,10 @@ impl Feed {
 
 /// Parse a body by its content type: JSON types must parse; other types are text; no type at all
 /// is tried as JSON first.
+///
+/// Numbers keep the upstream's text (serde_json's `arbitrary_precision`): 17-digit floats,
+/// integers of any length and values beyond `f64` (`1e400`) pass through as written, the only
+/// rewrite being an exponent's spelling (`1E5` is sent as `1e+5`, the same value).
 pub fn parse_body(bytes: &Bytes, content_type: Option<&str>) -> Result<Document, SourceError> {
     let ct = content_type.map(|c| {
         c.split(';')
@@ -148,5 +152,31 @@ pub fn parse_body(bytes: &Bytes, content_type: Option<&str>) -> Result<Document,
     match std::str::from_utf8(bytes) {
         Ok(s) => Ok(Document::Text(s.to_string())),
         Err(_) => Err(SourceError::InvalidJson),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_text(body: &str) -> String {
+        match parse_body(&Bytes::copy_from_slice(body.as_bytes()), None) {
+            Ok(Document::Json(v)) => v.to_string(),
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    /// The reported case, and numbers an `f64` cannot hold, come out as the upstream wrote them.
+    #[test]
+    fn json_numbers_keep_their_text() {
+        for body in [
+            r#"{"f":1796195052.4752579,"l":123456789012345678901234567890}"#,
+            r#"[0.30000000000000004,-0,-0.0,0.10,1.0,9007199254740993,-123456789012345678901234567890]"#,
+            r#"{"big":1e+400,"tiny":1e-400,"neg":-1.5e-7}"#,
+        ] {
+            assert_eq!(json_text(body), body);
+        }
+        // An exponent is respelled with a sign; the value is untouched.
+        assert_eq!(json_text("[1E5,2e5,3E-5]"), "[1e+5,2e+5,3e-5]");
     }
 }

@@ -593,8 +593,11 @@ pub fn apply_event(state: &mut Option<serde_json::Value>, ev: &SseEvent) {
         "patch" => {
             let doc = state.as_mut().expect("a patch needs a snapshot first");
             if env["data"].is_array() {
+                // From text, as a browser reads it: with serde_json's `arbitrary_precision`,
+                // `from_value` hands integers past 64 bits to serde as u128, which the
+                // tagged-enum buffering in `json_patch` refuses.
                 let patch: json_patch::Patch =
-                    serde_json::from_value(env["data"].clone()).expect("RFC 6902 patch");
+                    serde_json::from_str(&env["data"].to_string()).expect("RFC 6902 patch");
                 json_patch::patch(doc, &patch).expect("patch applies");
             } else {
                 json_patch::merge(doc, &env["data"]);
