@@ -28,6 +28,7 @@ pub mod demo;
 pub mod diff;
 pub mod error;
 pub mod hub;
+pub mod logging;
 pub mod routes;
 pub mod server;
 pub mod shutdown;

@@ -1,0 +1,259 @@
+//! What the `herald` binary writes to stderr, read the way an operator reads it (a file, a pipe,
+//! a terminal): no colour codes unless stderr is a terminal, no line a client can forge, an access
+//! line per pass-through request, and no credentials.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+
+const T: Duration = Duration::from_secs(15);
+
+/// A running `herald` binary and the lines it has written so far (stderr, or the terminal).
+struct Herald {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    new_line: Arc<Notify>,
+    _dir: tempfile::TempDir,
+}
+
+/// A free port on 127.0.0.1 (bound and released: `listening` logs the configured address, so
+/// the test must know it in advance).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Herald {
+    /// `herald run` with `config`, stderr to a pipe read line by line; `env` added to a clean
+    /// logging environment (no RUST_LOG, no NO_COLOR unless given).
+    async fn run(config: &str, env: &[(&str, &str)]) -> Herald {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), config);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.arg("run").arg("--config").arg(&path);
+        Self::spawn(cmd, env, None, dir)
+    }
+
+    /// Start `cmd` in a clean logging environment plus `env`; stderr to `stderr_file` if given
+    /// (then only stdout is read), else read like stdout.
+    fn spawn(
+        mut cmd: Command,
+        env: &[(&str, &str)],
+        stderr_file: Option<std::fs::File>,
+        dir: tempfile::TempDir,
+    ) -> Herald {
+        let to_file = stderr_file.is_some();
+        cmd.env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr_file.map_or_else(Stdio::piped, Stdio::from))
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let new_line = Arc::new(Notify::new());
+        let mut outputs: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> =
+            vec![Box::new(child.stdout.take().unwrap())];
+        if !to_file {
+            outputs.push(Box::new(child.stderr.take().unwrap()));
+        }
+        for out in outputs {
+            let (lines, new_line) = (lines.clone(), new_line.clone());
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(out).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    lines.lock().unwrap().push(line);
+                    new_line.notify_waiters();
+                }
+            });
+        }
+        Herald {
+            child,
+            lines,
+            new_line,
+            _dir: dir,
+        }
+    }
+
+    /// The first line so far that satisfies `f`, waiting for it (panics after `T`).
+    async fn line(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        tokio::time::timeout(T, async {
+            loop {
+                let notified = self.new_line.notified();
+                if let Some(l) = self.lines.lock().unwrap().iter().find(|l| f(l)) {
+                    return l.clone();
+                }
+                notified.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {what} line in:\n{}", self.text()))
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM, then wait for it to drain and exit; everything it wrote.
+    async fn stop(self) -> String {
+        let pid = self.child.id().expect("still running").to_string();
+        self.stop_process(&pid).await
+    }
+
+    /// SIGTERM to `pid` (herald itself, when the child runs it), then wait for the child's exit.
+    async fn stop_process(mut self, pid: &str) -> String {
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = tokio::time::timeout(T, self.child.wait())
+            .await
+            .expect("herald exits after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "{status}: {}", self.text());
+        // The readers end at EOF, right after the exit.
+        tokio::time::timeout(T, async {
+            while Arc::strong_count(&self.lines) > 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("output read to its end");
+        self.text()
+    }
+}
+
+/// `HEAD` plus `extra`, listening on `port`, the upstream at `upstream`.
+fn config(port: u16, upstream: &str, extra: &str) -> String {
+    format!("listen = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\n{extra}")
+}
+
+/// A port with nothing listening on it: every request to it is refused.
+fn closed_upstream() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}
+
+/// `s` with every byte but letters and digits percent-encoded.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn no_colour_codes_in_a_pipe() {
+    let port = free_port();
+    let h = Herald::run(&config(port, &closed_upstream(), ""), &[]).await;
+    h.line("listening", |l| l.contains("listening")).await;
+    let out = h.stop().await;
+    assert!(out.contains("all connections drained"), "{out}");
+    assert!(!out.contains("\x1b["), "colour codes in a pipe:\n{out:?}");
+}
+
+/// `herald demo 2>demo.err`: the file gets plain text.
+#[tokio::test]
+async fn no_colour_codes_in_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let err_path = dir.path().join("demo.err");
+    let err_file = std::fs::File::create(&err_path).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.arg("demo");
+    for flag in [
+        "--listen",
+        "--upstream-listen",
+        "--tls-listen",
+        "--admin-listen",
+    ] {
+        cmd.args([flag, "127.0.0.1:0"]);
+    }
+    let h = Herald::spawn(cmd, &[], Some(err_file), tempfile::tempdir().unwrap());
+    h.line("demo banner", |l| l.contains("Ctrl-C to stop"))
+        .await;
+    h.stop().await;
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert!(err.contains(" INFO "), "demo.err: {err}");
+    assert!(!err.contains("\x1b["), "colour codes in demo.err:\n{err:?}");
+}
+
+/// On a terminal (a pty, from util-linux `script`) the colours stay, unless `NO_COLOR` is set.
+#[tokio::test]
+async fn colour_on_a_terminal_unless_no_color() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no `script` (util-linux) to give herald a terminal");
+        return;
+    }
+    for (env, coloured) in [(&[][..], true), (&[("NO_COLOR", "1")][..], false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), &config(free_port(), &closed_upstream(), ""));
+        // The shell prints its pid, then becomes herald: that pid is herald's.
+        let shell = format!(
+            "echo PID=$$; exec '{}' run --config '{}'",
+            env!("CARGO_BIN_EXE_herald"),
+            path.display()
+        );
+        let mut cmd = Command::new("script");
+        cmd.args(["-qfec", &shell, "/dev/null"])
+            .env("SHELL", "/bin/sh");
+        let h = Herald::spawn(cmd, env, None, dir);
+        let pid = h.line("pid", |l| l.starts_with("PID=")).await;
+        let pid = pid.trim_start_matches("PID=").trim().to_string();
+        h.line("listening", |l| l.contains("listening")).await;
+        let out = h.stop_process(&pid).await;
+        assert_eq!(out.contains("\x1b["), coloured, "{env:?}: {out:?}");
+    }
+}
+
+/// A multiplexed stream's `watch=` value is percent-decoded into a topic, and the topic is in the
+/// poller's span on its WARN line: a `%0A` in it must not start a line of its own.
+#[tokio::test]
+async fn a_client_cannot_forge_a_log_line() {
+    let port = free_port();
+    let route = "[[route]]\npath = \"/api/builds/{id}\"\nquery = [\"q\"]\n";
+    let h = Herald::run(&config(port, &closed_upstream(), route), &[]).await;
+    h.line("listening", |l| l.contains("listening")).await;
+    let forged = "2025-01-01T00:00:00.000000Z  INFO herald::admin::reload: config reloaded";
+    let watch = format!("/api/builds/1?q=x\n{forged}");
+    let resp = reqwest::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{port}/_herald/stream?watch={}",
+            encode(&watch)
+        ))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let warn = h
+        .line("poll failure", |l| l.contains("upstream poll failed"))
+        .await;
+    drop(resp);
+    let out = h.stop().await;
+    assert!(
+        out.lines().all(|l| !l.starts_with("2025-01-01")),
+        "a forged line in the log:\n{out}"
+    );
+    assert!(warn.contains(&format!("q=x\\n{forged}")), "{warn}");
+}
