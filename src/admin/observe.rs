@@ -38,7 +38,8 @@ const SECRET_PARAMS: &[&str] = &[
 ];
 
 /// A resource for logs: the path, and the query with the values of credential-like parameters
-/// replaced by `***`.
+/// replaced by `***`. Names are matched as the upstream reads them (`%74oken`, `access%5Ftoken`
+/// and `access+token` are secrets too); everything else is kept exactly as written.
 pub fn redact(resource: &str) -> String {
     let Some((path, query)) = resource.split_once('?') else {
         return resource.to_string();
@@ -47,11 +48,7 @@ pub fn redact(resource: &str) -> String {
         .split('&')
         .map(|pair| {
             let name = pair.split('=').next().unwrap_or(pair);
-            let lower = name.to_ascii_lowercase();
-            let secret = SECRET_PARAMS
-                .iter()
-                .any(|s| lower == *s || lower.ends_with(&format!("_{s}")));
-            if secret {
+            if is_secret(name) {
                 format!("{name}=***")
             } else {
                 pair.to_string()
@@ -59,6 +56,27 @@ pub fn redact(resource: &str) -> String {
         })
         .collect();
     format!("{path}?{}", pairs.join("&"))
+}
+
+/// Whether a query parameter name, as written, names a credential: decoded as a form (`+` is a
+/// space, then `%XX`), lowercased, trimmed, with ` `, `.` and `-` read as `_` (PHP reads
+/// `access+token` and `access.token` as `access_token`).
+fn is_secret(written: &str) -> bool {
+    let decoded = crate::routes::percent_decode(&written.replace('+', " ")).map_or_else(
+        || written.to_string(),
+        |b| String::from_utf8_lossy(&b).into_owned(),
+    );
+    let name: String = decoded
+        .trim()
+        .chars()
+        .map(|c| match c {
+            ' ' | '.' | '-' => '_',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    SECRET_PARAMS
+        .iter()
+        .any(|s| name == *s || name.ends_with(&format!("_{s}")))
 }
 
 /// One open stream's bookkeeping; dropping it (with the response body) closes the stream's books.
@@ -301,6 +319,28 @@ mod tests {
         assert_eq!(
             redact("/a?page=2&access_token=abc&x_api_key=k"),
             "/a?page=2&access_token=***&x_api_key=***"
+        );
+    }
+
+    #[test]
+    fn redacts_encoded_names_like_plain_ones() {
+        for (written, logged) in [
+            ("/a?%74oken=abc", "/a?%74oken=***"),
+            ("/a?%54OKEN=abc", "/a?%54OKEN=***"),
+            ("/a?access%5Ftoken=abc", "/a?access%5Ftoken=***"),
+            ("/a?access%5ftoken=abc", "/a?access%5ftoken=***"),
+            ("/a?access+token=abc", "/a?access+token=***"),
+            ("/a?access.token=abc", "/a?access.token=***"),
+            ("/a?+token+=abc", "/a?+token+=***"),
+            ("/a?x%2Dapi%2Dkey=k", "/a?x%2Dapi%2Dkey=***"),
+            ("/a?%70assword", "/a?%70assword=***"),
+        ] {
+            assert_eq!(redact(written), logged, "{written}");
+        }
+        // Pairs that are not secrets are kept byte for byte, odd encodings included.
+        assert_eq!(
+            redact("/a?page=%32&q=a+b&%zz=1&tok=%zz&token=x&n%61me=v"),
+            "/a?page=%32&q=a+b&%zz=1&tok=%zz&token=***&n%61me=v"
         );
     }
 }
