@@ -12,12 +12,26 @@
 //!   `NO_COLOR` is unset or empty (<https://no-color.org>); files, pipes and journald get plain
 //!   text.
 //!
-//! This module depends on nothing else in herald, so any layer may use it.
+//! The access log is here too: an [`AccessRecord`] per pass-through request, on target
+//! `herald::access` at INFO (`[log] access`), written when the response body ends or is dropped.
+//!
+//! From the rest of herald this module uses only `admin::observe::redact` (text in, text out), so
+//! any layer may use it.
 
 use std::ffi::OsStr;
 use std::fmt::{self, Write as _};
 use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Method, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use tokio::time::Instant;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::format::Writer;
@@ -199,6 +213,148 @@ fn needs_escape(c: char) -> bool {
     c.is_control() || c == '\u{2028}' || c == '\u{2029}'
 }
 
+/// One request as the access log writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessRecord {
+    pub method: Method,
+    /// Path and query as requested, the values of credential-like query parameters replaced by
+    /// `***` (`admin::observe::redact`).
+    pub path: String,
+    pub status: u16,
+    /// Response body bytes sent to the client (after compression).
+    pub bytes: u64,
+    /// From the request reaching herald to the end of its response body (or the client leaving).
+    pub duration: Duration,
+    /// From the request reaching herald to the upstream's response head (or to giving up on it).
+    pub upstream: Option<Duration>,
+    pub protocol: Version,
+    pub peer: SocketAddr,
+}
+
+/// Milliseconds, to the microsecond.
+fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+impl AccessRecord {
+    /// Write the record: on target `herald::access` at INFO, with typed fields in JSON
+    /// (`status`, `bytes` integers; `duration_ms`, `upstream_ms` numbers).
+    pub fn emit(&self) {
+        tracing::info!(
+            target: "herald::access",
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes = self.bytes,
+            duration_ms = millis(self.duration),
+            upstream_ms = self.upstream.map(millis),
+            protocol = ?self.protocol,
+            peer = %self.peer,
+        );
+    }
+}
+
+/// The body type of herald's responses (`server::ResponseBody`).
+pub type AccessBodyInner = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A request's access record in the making: started when the request arrives, finished by
+/// [`Access::wrap`] around its response. A no-op when the access log is off.
+#[derive(Debug)]
+pub struct Access(Option<(AccessRecord, Instant)>);
+
+impl Access {
+    /// The request arrived (its head read): note what it asks and when.
+    pub fn start<B>(req: &Request<B>, peer: SocketAddr, enabled: bool) -> Access {
+        Access(enabled.then(|| {
+            let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            let record = AccessRecord {
+                method: req.method().clone(),
+                path: crate::admin::observe::redact(target),
+                status: 0,
+                bytes: 0,
+                duration: Duration::ZERO,
+                upstream: None,
+                protocol: req.version(),
+                peer,
+            };
+            (record, Instant::now())
+        }))
+    }
+
+    /// The upstream has answered (or failed) with `resp`: its record is written when the
+    /// response body ends or is dropped, so `bytes` and `duration` are what the client got.
+    pub fn wrap(self, resp: Response<AccessBodyInner>) -> Response<AccessBodyInner> {
+        let Some((mut record, started)) = self.0 else {
+            return resp;
+        };
+        record.status = resp.status().as_u16();
+        record.upstream = Some(started.elapsed());
+        resp.map(|body| {
+            AccessBody {
+                body,
+                record: Some(record),
+                started,
+            }
+            .boxed_unsync()
+        })
+    }
+}
+
+/// A response body that counts what it sends and writes its access record at its end.
+struct AccessBody {
+    body: AccessBodyInner,
+    /// Taken when written, so it is written once.
+    record: Option<AccessRecord>,
+    started: Instant,
+}
+
+impl AccessBody {
+    fn finish(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.duration = self.started.elapsed();
+            record.emit();
+        }
+    }
+}
+
+impl Body for AccessBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if let Some(r) = &mut self.record {
+                    r.bytes += n;
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => self.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for AccessBody {
+    /// A body hyper never polls to its end (empty, HEAD, a client gone) is logged here.
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +454,85 @@ mod tests {
             styled.contains("\x1b[3ma\x1b[0m\x1b[2m=\x1b[0m1"),
             "{styled:?}"
         );
+    }
+
+    fn record() -> AccessRecord {
+        AccessRecord {
+            method: Method::GET,
+            path: "/a?token=***".into(),
+            status: 502,
+            bytes: 17,
+            duration: Duration::from_micros(1500),
+            upstream: Some(Duration::from_micros(1200)),
+            protocol: Version::HTTP_11,
+            peer: "127.0.0.1:5000".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn access_records_in_text_and_typed_json() {
+        let text = logged(Format::Text, false, || record().emit());
+        assert!(
+            text.ends_with(" INFO herald::access: method=GET path=/a?token=*** status=502 bytes=17 duration_ms=1.5 upstream_ms=1.2 protocol=HTTP/1.1 peer=127.0.0.1:5000\n"),
+            "{text}"
+        );
+        let json = logged(Format::Json, false, || record().emit());
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["target"], "herald::access");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["path"], "/a?token=***");
+        assert_eq!(v["status"], 502);
+        assert_eq!(v["bytes"], 17);
+        assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(v["upstream_ms"], 1.2);
+        assert_eq!(v["protocol"], "HTTP/1.1");
+        assert_eq!(v["peer"], "127.0.0.1:5000");
+    }
+
+    fn response(body: &'static str) -> Response<AccessBodyInner> {
+        Response::new(
+            http_body_util::Full::new(Bytes::from(body))
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_response_is_logged_once_with_what_was_sent() {
+        let out = Capture::default();
+        let dispatch = subscriber(Format::Json, EnvFilter::new("info"), false, out.clone());
+        let _default = tracing::dispatcher::set_default(&dispatch);
+        let peer: SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let req = Request::post("/x?access%5Ftoken=s&page=2")
+            .body(())
+            .unwrap();
+
+        // Read to the end: logged then, with the bytes read.
+        let resp = Access::start(&req, peer, true).wrap(response("hello"));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "hello");
+        // Dropped unread (a client gone, a HEAD): logged when dropped, with nothing sent.
+        drop(Access::start(&req, peer, true).wrap(response("unread")));
+        // Access log off: nothing.
+        let resp = Access::start(&req, peer, false).wrap(response("off"));
+        resp.into_body().collect().await.unwrap();
+
+        let text = out.text();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["bytes"], 5);
+        assert_eq!(lines[1]["bytes"], 0);
+        for l in &lines {
+            assert_eq!(l["method"], "POST");
+            assert_eq!(l["path"], "/x?access%5Ftoken=***&page=2");
+            assert_eq!(l["status"], 200);
+            assert_eq!(l["peer"], "10.0.0.1:4000");
+            assert!(l["upstream_ms"].as_f64().unwrap() <= l["duration_ms"].as_f64().unwrap());
+        }
     }
 
     fn escape(text: &str) -> String {

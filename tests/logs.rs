@@ -7,9 +7,12 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
+
+mod common;
 
 const T: Duration = Duration::from_secs(15);
 
@@ -41,10 +44,15 @@ impl Herald {
     /// `herald run` with `config`, stderr to a pipe read line by line; `env` added to a clean
     /// logging environment (no RUST_LOG, no NO_COLOR unless given).
     async fn run(config: &str, env: &[(&str, &str)]) -> Herald {
+        Self::run_with(config, env, &[]).await
+    }
+
+    /// `run`, with extra command-line arguments (`--log-format json`).
+    async fn run_with(config: &str, env: &[(&str, &str)], args: &[&str]) -> Herald {
         let dir = tempfile::tempdir().unwrap();
         let path = write_config(dir.path(), config);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.arg("run").arg("--config").arg(&path);
+        cmd.args(args).arg("run").arg("--config").arg(&path);
         Self::spawn(cmd, env, None, dir)
     }
 
@@ -256,4 +264,105 @@ async fn a_client_cannot_forge_a_log_line() {
         "a forged line in the log:\n{out}"
     );
     assert!(warn.contains(&format!("q=x\\n{forged}")), "{warn}");
+}
+
+/// The JSON access lines in `out`.
+fn access_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "herald::access")
+        .collect()
+}
+
+/// Real pass-through requests, a 400 and a 502 among them: one access line each, when the
+/// response has been sent, with what the client got.
+#[tokio::test]
+async fn pass_through_requests_are_access_logged() {
+    let up = common::TestUpstream::start().await;
+    let port = free_port();
+    let h = Herald::run_with(&config(port, &up.url(), ""), &[], &["--log-format", "json"]).await;
+    h.line("listening", |l| l.contains("listening")).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut sent = Vec::new();
+    let get = client
+        .get(format!("{base}/api/items?page=2&access%5Ftoken=SECRET"))
+        .send()
+        .await
+        .unwrap();
+    sent.push((200, get.bytes().await.unwrap().len()));
+    let post = client
+        .post(format!("{base}/api/items"))
+        .body("a new item")
+        .send()
+        .await
+        .unwrap();
+    sent.push((200, post.bytes().await.unwrap().len()));
+    let bad = client
+        .get(format!("{base}/api/items/x"))
+        .header("x-echo-status", "400")
+        .send()
+        .await
+        .unwrap();
+    sent.push((400, bad.bytes().await.unwrap().len()));
+    let newline = client
+        .get(format!("{base}/api/a%0Ab"))
+        .send()
+        .await
+        .unwrap();
+    sent.push((200, newline.bytes().await.unwrap().len()));
+    up.stop().await;
+    let gone = client
+        .get(format!("{base}/api/items"))
+        .send()
+        .await
+        .unwrap();
+    sent.push((502, gone.bytes().await.unwrap().len()));
+    // Written when each body has ended: wait for the last before stopping.
+    h.line("502 access", |l| l.contains("\"status\":502")).await;
+    let out = h.stop().await;
+
+    let lines = access_lines(&out);
+    assert_eq!(lines.len(), sent.len(), "{out}");
+    let expect = [
+        ("GET", "/api/items?page=2&access%5Ftoken=***"),
+        ("POST", "/api/items"),
+        ("GET", "/api/items/x"),
+        ("GET", "/api/a%0Ab"),
+        ("GET", "/api/items"),
+    ];
+    for ((line, (method, path)), (status, bytes)) in lines.iter().zip(expect).zip(&sent) {
+        assert_eq!(line["level"], "INFO", "{line}");
+        assert_eq!(line["method"], method, "{line}");
+        assert_eq!(line["path"], path, "{line}");
+        assert_eq!(line["status"], *status, "{line}");
+        assert_eq!(line["bytes"], *bytes as u64, "{line}");
+        assert!(*bytes > 0);
+        assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
+        assert!(
+            line["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{line}"
+        );
+        let duration = line["duration_ms"].as_f64().expect("a number");
+        let upstream = line["upstream_ms"].as_f64().expect("a number");
+        assert!(0.0 < upstream && upstream <= duration, "{line}");
+    }
+    assert!(!out.contains("SECRET"), "{out}");
+}
+
+#[tokio::test]
+async fn access_log_can_be_turned_off() {
+    let up = common::TestUpstream::start().await;
+    let port = free_port();
+    let text = config(port, &up.url(), "[log]\naccess = false\n");
+    let h = Herald::run_with(&text, &[], &["--log-format", "json"]).await;
+    h.line("listening", |l| l.contains("listening")).await;
+    let resp = reqwest::get(format!("http://127.0.0.1:{port}/api/items"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+    let out = h.stop().await;
+    up.stop().await;
+    assert!(access_lines(&out).is_empty(), "{out}");
 }

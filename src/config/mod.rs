@@ -31,7 +31,15 @@ pub struct Config {
     pub mux: Mux,
     /// None: no `[admin]` section, no admin listener.
     pub admin: Option<Admin>,
+    pub log: Log,
     pub routes: Vec<Route>,
+}
+
+/// `[log]`: what herald logs besides its own events.
+#[derive(Debug, Clone)]
+pub struct Log {
+    /// An access line per pass-through request (`logging::AccessRecord`).
+    pub access: bool,
 }
 
 /// `[admin]`: metrics, health, status page and reload, on their own listener (`admin`).

@@ -36,6 +36,8 @@ pub struct File {
     pub mux: MuxSection,
     #[serde(default)]
     pub admin: Option<Spanned<AdminSection>>,
+    #[serde(default)]
+    pub log: LogSection,
     #[serde(default, rename = "route")]
     pub routes: Vec<Spanned<RouteSection>>,
 }
@@ -52,6 +54,21 @@ pub struct AdminSection {
 
 fn default_admin_listen() -> Spanned<SocketAddr> {
     Spanned::new(0..0, SocketAddr::from(([127, 0, 0, 1], 9090)))
+}
+
+/// What herald logs besides its own events (the format is `--log-format`, the level
+/// `RUST_LOG`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// One line per pass-through request on target `herald::access` (INFO).
+    pub access: bool,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { access: true }
+    }
 }
 
 /// The multiplexed stream (one connection watching many resources) and the browser client.

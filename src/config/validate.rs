@@ -200,6 +200,9 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         cors,
         mux,
         admin,
+        log: super::Log {
+            access: file.log.access,
+        },
         routes,
     })
 }

@@ -20,6 +20,7 @@ use super::admission::{Permitted, StreamPermit};
 use super::{compress, cors, json_error, proxy, App, ResponseBody};
 use crate::config::CorsPassThrough;
 use crate::hub::{parse_event_id, WatchSlot};
+use crate::logging::Access;
 use crate::sse::stream::{ItemSource, StreamClosed};
 use crate::sse::{GzipStream, SseStream};
 
@@ -48,6 +49,7 @@ pub async fn handle(
     let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
     // HEAD must describe what an uncompressed GET would send.
     let gzip = req.method() != Method::HEAD && compress::accepts_gzip(req.headers());
+    let access = Access::start(&req, conn.peer, app.config.log.access);
     let resp = proxy::forward(
         &app.upstream,
         app.config.proxy.timeout,
@@ -60,7 +62,7 @@ pub async fn handle(
     if let Some(c) = cors_cfg.filter(|c| c.pass_through == CorsPassThrough::Override) {
         cors::replace(c, origin.as_ref(), resp.headers_mut());
     }
-    resp
+    access.wrap(resp)
 }
 
 /// What herald answers itself for a request on a route (the preflight of a stream, a stream, or
