@@ -213,6 +213,23 @@ fn needs_escape(c: char) -> bool {
     c.is_control() || c == '\u{2028}' || c == '\u{2029}'
 }
 
+/// An error and its sources for a log line, `outer: inner: root`; a source whose text its
+/// parent already shows is skipped. For a `reqwest::Error`, pass `e.without_url()`: its URL can
+/// carry credentials in its query.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// One request as the access log writes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AccessRecord {
@@ -533,6 +550,25 @@ mod tests {
             assert_eq!(l["peer"], "10.0.0.1:4000");
             assert!(l["upstream_ms"].as_f64().unwrap() <= l["duration_ms"].as_f64().unwrap());
         }
+    }
+
+    #[test]
+    fn error_chains_read_outer_to_root() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("error sending request")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(std::io::Error::other("tcp connect error"));
+        assert_eq!(error_chain(&e), "error sending request: tcp connect error");
+        assert_eq!(error_chain(&e.0), "tcp connect error");
     }
 
     fn escape(text: &str) -> String {

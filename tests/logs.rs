@@ -366,3 +366,63 @@ async fn access_log_can_be_turned_off() {
     up.stop().await;
     assert!(access_lines(&out).is_empty(), "{out}");
 }
+
+/// With RUST_LOG=debug and the upstream unreachable, a pass-through with credentials in its query
+/// logs why it failed, but neither the credentials nor the URL that carried them.
+#[tokio::test]
+async fn no_credentials_in_debug_logs_of_a_failed_pass_through() {
+    let port = free_port();
+    let upstream = closed_upstream();
+    let h = Herald::run(&config(port, &upstream, ""), &[("RUST_LOG", "debug")]).await;
+    h.line("listening", |l| l.contains("listening")).await;
+    let resp = reqwest::get(format!(
+        "http://127.0.0.1:{port}/api/items?access_token=SECRET1&token=SECRET2&%74oken=SECRET3"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 502);
+    resp.bytes().await.unwrap();
+    let failed = h
+        .line("pass-through failure", |l| {
+            l.contains("pass-through failed")
+        })
+        .await;
+    let access = h.line("access", |l| l.contains("herald::access")).await;
+    let out = h.stop().await;
+    let url = format!("{upstream}/api");
+    for secret in ["SECRET1", "SECRET2", "SECRET3", &url] {
+        assert!(!out.contains(secret), "{secret} in the log:\n{out}");
+    }
+    assert!(
+        access.contains("path=/api/items?access_token=***&token=***&%74oken=*** status=502"),
+        "{access}"
+    );
+    // Still useful: the cause is there.
+    assert!(failed.contains("Connection refused"), "{failed}");
+}
+
+/// A route may make a credential-like parameter part of its topics (`query = ["api_key"]`); the
+/// poller's WARN line names its topic, redacted like every other logged resource.
+#[tokio::test]
+async fn no_credentials_in_a_failing_pollers_warning() {
+    let port = free_port();
+    let route = "[[route]]\npath = \"/api/builds/{id}\"\nquery = [\"api_key\"]\n";
+    let h = Herald::run(&config(port, &closed_upstream(), route), &[]).await;
+    h.line("listening", |l| l.contains("listening")).await;
+    let resp = reqwest::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{port}/api/builds/1?api_key=SECRET4"
+        ))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let warn = h
+        .line("poll failure", |l| l.contains("upstream poll failed"))
+        .await;
+    drop(resp);
+    let out = h.stop().await;
+    assert!(!out.contains("SECRET4"), "{out}");
+    assert!(warn.contains("topic=/api/builds/1?api_key=***"), "{warn}");
+}

@@ -23,7 +23,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct PollSpec {
     pub url: reqwest::Url,
-    /// For logs: the topic's resource (never credentials).
+    /// For logs: the topic's resource (never the access-token parameter; redacted when logged).
     pub label: Arc<str>,
     pub interval: Duration,
     pub timeout: Duration,
@@ -97,7 +97,8 @@ pub(super) async fn run(
     sink: Arc<dyn Sink>,
     cancel: CancellationToken,
 ) {
-    let span = tracing::info_span!("poller", topic = %spec.label);
+    // Redacted like every logged resource: a route may make a credential part of its topics.
+    let span = tracing::info_span!("poller", topic = %crate::admin::observe::redact(&spec.label));
     async move {
         debug!("poller started");
         let mut last = Last::default();
