@@ -4,8 +4,8 @@
 //! [`LAYERS`], and `tests/layering.rs` fails on any import that climbs it):
 //!
 //! ```text
-//! telemetry, reply, wire, shutdown   bottom: metric handles (plain numbers), HTTP answers,
-//!                                    SSE framing, signals; they import nothing from herald
+//! telemetry, logging, reply, wire,   bottom: metric handles (plain numbers), log format and
+//! shutdown                           access log, HTTP answers, SSE framing, signals
 //! config ─► error ─► routes          proxy.toml → validated Config → RouteTable, TopicKey
 //!   ─► source                        Source: feeds a topic's writer (poll; Origin = HTTP client)
 //!   ─► diff                          pure JSON diff: patches, no I/O
@@ -30,6 +30,7 @@
 //! themselves and use [`Herald`].
 
 pub mod telemetry;
+pub mod logging;
 pub mod reply;
 pub mod wire;
 pub mod shutdown;
@@ -60,6 +61,7 @@ pub use error::{Error, Result};
 /// `tests/layering.rs` checks every `crate::` path in `src/` against it.
 pub const LAYERS: &[&str] = &[
     "telemetry",
+    "logging",
     "reply",
     "wire",
     "shutdown",
@@ -142,6 +144,7 @@ impl Herald {
             admission: server::admission::Admission::new(&config.server),
             metrics: metrics.clone(),
             connections: server::Connections::from(&config.server),
+            access_log: config.log.access,
         });
         let reloader = Arc::new(reload::Reloader::new(
             config.clone(),

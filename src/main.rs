@@ -24,7 +24,8 @@ struct Cli {
     /// Configuration file.
     #[arg(short, long, global = true, default_value = "proxy.toml")]
     config: PathBuf,
-    /// Log format (level via RUST_LOG, default info).
+    /// Log format (level via RUST_LOG, default info). Colour only on a terminal, never with
+    /// NO_COLOR set.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -67,21 +68,16 @@ enum LogFormat {
     Json,
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    let format = match cli.log_format {
+        LogFormat::Pretty => herald::logging::Format::Text,
+        LogFormat::Json => herald::logging::Format::Json,
+    };
+    if let Err(e) = herald::logging::init(format) {
+        eprintln!("herald: cannot set up logging: {e}");
+        return ExitCode::FAILURE;
+    }
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => match load(&cli.config) {
             Ok(c) => {

@@ -124,3 +124,77 @@ fn run_refuses_bad_config_before_binding() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("interval: must be at least 10ms"));
 }
+
+/// Unknown keys in two tables: both reported in one run, each at its own line, with the key
+/// that was probably meant.
+#[test]
+fn unknown_keys_of_every_table_are_reported_together() {
+    let (code, err) = check(&format!(
+        "{HEAD}\n[sse]\nhistroy = 5\n\n[[route]]\npath = \"/api/builds/{{id}}\"\nintervall = \"1s\"\n"
+    ));
+    assert_eq!(code, 64, "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "proxy.toml:5:1: [sse] histroy: unknown field `histroy` (did you mean `history`?)",
+            "proxy.toml:9:1: [[route]] intervall: unknown field `intervall` (did you mean `interval`?)",
+        ],
+        "{err}"
+    );
+}
+
+/// A bad value in one route (a duplicate `{a}`) hides nothing: the other route's interval, the
+/// route that overlaps the multiplexed stream's default path, and `*` with credentials are all
+/// reported, in file order, each at the line where it is written.
+#[test]
+fn a_bad_route_hides_no_other_problem() {
+    let text = format!(
+        "{HEAD}\n\
+         [cors]\n\
+         origins = [\"*\"]\n\
+         credentials = true\n\
+         \n\
+         [[route]]\n\
+         path = \"/api/{{a}}/x/{{a}}\"\n\
+         \n\
+         [[route]]\n\
+         path = \"/api/builds/{{id}}\"\n\
+         interval = \"1ms\"\n\
+         \n\
+         [[route]]\n\
+         path = \"/_herald/{{name}}\"\n"
+    );
+    let (code, err) = check(&text);
+    assert_eq!(code, 64, "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let expect = [
+        "proxy.toml:6:15: cors.credentials: cannot be true with origins = [\"*\"]",
+        "proxy.toml:9:8: [[route]] path: invalid path \"/api/{a}/x/{a}\": parameter {a} appears twice",
+        "proxy.toml:13:12: route \"/api/builds/{id}\" interval: must be at least 10ms, got 1ms",
+        "proxy.toml:16:8: route \"/_herald/{name}\" path: also matches \"/_herald/stream\", herald's own mux.path",
+        "proxy.toml:16:8: route \"/_herald/{name}\" path: also matches \"/_herald/client.js\", herald's own mux.client",
+    ];
+    assert_eq!(lines.len(), expect.len(), "{err}");
+    for (line, want) in lines.iter().zip(expect) {
+        assert!(
+            line.starts_with(want),
+            "expected {want}\n got {line}\n in {err}"
+        );
+    }
+}
+
+/// An unusable required key (`listen`, `upstream`) does not stop the check either.
+#[test]
+fn bad_required_keys_hide_nothing_else() {
+    let (code, err) = check(
+        "listen = \"nope\"\nupstream = \"ftp://x\"\n[server]\nmax_connections = 0\n[[route]]\npath = \"/a\"\ninterval = \"1ms\"\n",
+    );
+    assert_eq!(code, 64);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(lines[0].starts_with("proxy.toml:1:10: listen: invalid socket address"));
+    assert!(lines[1].starts_with("proxy.toml:2:12: upstream: invalid upstream"));
+    assert!(lines[2].starts_with("proxy.toml:4:19: server.max_connections: must be at least 1"));
+    assert!(lines[3].starts_with("proxy.toml:7:12: route \"/a\" interval"));
+}

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod model;
+mod read;
 mod validate;
 
 use std::fmt;
@@ -31,6 +32,7 @@ pub struct Config {
     /// None: no `[admin]` section, no admin listener.
     pub admin: Option<Admin>,
     pub cluster: Cluster,
+    pub log: Log,
     pub routes: Vec<Route>,
 }
 
@@ -53,6 +55,13 @@ impl fmt::Debug for Secret {
 
 /// The environment variable that supplies `[cluster] secret` when the file does not.
 pub const CLUSTER_SECRET_ENV: &str = "HERALD_CLUSTER_SECRET";
+
+/// `[log]`: what herald logs besides its own events.
+#[derive(Debug, Clone)]
+pub struct Log {
+    /// An access line per pass-through request (`logging::AccessRecord`).
+    pub access: bool,
+}
 
 /// `[admin]`: metrics, health, status page and reload, on their own listener (`admin`).
 #[derive(Debug, Clone)]
@@ -226,28 +235,21 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Parse and validate configuration text; `name` is used in messages (normally the file name).
+/// Every problem is reported, in file order: those serde finds while reading (unknown keys, bad
+/// values, missing keys) and those validation finds in what could be read.
 pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
-    let file: model::File = match toml::from_str(text) {
-        Ok(f) => f,
-        Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            let message = e.message().trim();
-            // serde reports a missing key at its table; name the key from the message.
-            let missing = message
-                .strip_prefix("missing field `")
-                .and_then(|m| m.split('`').next());
-            let problem = Problem {
-                key: missing.map_or_else(|| key_at(text, span.start), str::to_string),
-                span,
-                message: message.to_string(),
-            };
-            return Err(locate(text, name, vec![problem]));
-        }
-    };
-    validate::validate(file).map_err(|problems| locate(text, name, problems))
+    let (file, mut problems) = read::read(text);
+    match file.map(validate::validate) {
+        Some(Ok(config)) if problems.is_empty() => return Ok(config),
+        Some(Err(more)) => problems.extend(more),
+        _ => {}
+    }
+    Err(locate(text, name, problems))
 }
 
-fn locate(text: &str, name: &str, problems: Vec<Problem>) -> ConfigError {
+fn locate(text: &str, name: &str, mut problems: Vec<Problem>) -> ConfigError {
+    // In file order, so a user can fix them top to bottom (stable: same place, found order).
+    problems.sort_by_key(|p| p.span.start);
     let lines = problems
         .into_iter()
         .map(|p| {

@@ -35,7 +35,9 @@ pub struct File {
     #[serde(default)]
     pub mux: MuxSection,
     #[serde(default)]
-    pub admin: Option<AdminSection>,
+    pub admin: Option<Spanned<AdminSection>>,
+    #[serde(default)]
+    pub log: LogSection,
     #[serde(default)]
     pub cluster: ClusterSection,
     #[serde(default, rename = "route")]
@@ -66,6 +68,21 @@ pub struct ClusterSection {
     pub secret: Option<Spanned<String>>,
 }
 
+/// What herald logs besides its own events (the format is `--log-format`, the level
+/// `RUST_LOG`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// One line per pass-through request on target `herald::access` (INFO).
+    pub access: bool,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { access: true }
+    }
+}
+
 /// The multiplexed stream (one connection watching many resources) and the browser client.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -93,7 +110,7 @@ impl Default for MuxSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
     /// Open client connections at most; further connections wait in the kernel backlog.
-    pub max_connections: usize,
+    pub max_connections: Spanned<usize>,
     /// How long shutdown waits for in-flight requests before closing what is left.
     pub drain_timeout: HumanDuration,
     /// Largest request head (request line + headers) accepted, in bytes.
@@ -111,7 +128,7 @@ pub struct ServerSection {
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
-            max_connections: 20_000,
+            max_connections: Spanned::new(0..0, 20_000),
             drain_timeout: HumanDuration(Duration::from_secs(10)),
             max_header_bytes: ByteSize(64 * 1024),
             max_new_streams_per_sec: 2_000,

@@ -39,12 +39,19 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             format!("must be at least 1s, got {slow_timeout:?}"),
         );
     }
-    if file.server.max_connections == 0 {
-        push(0..0, "server.max_connections", "must be at least 1".into());
+    let max_connections = *file.server.max_connections.get_ref();
+    if max_connections == 0 {
+        push(
+            file.server.max_connections.span(),
+            "server.max_connections",
+            "must be at least 1".into(),
+        );
     }
 
     let mut seen = HashSet::new();
     let mut routes = Vec::new();
+    // Where each route's path is written, for problems found later about the route as a whole.
+    let mut route_paths = Vec::new();
     for spanned in file.routes {
         let route_span = spanned.span();
         let r = spanned.into_inner();
@@ -116,6 +123,7 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             },
             &mut push,
         );
+        route_paths.push(r.path.span());
         routes.push(Route {
             template: r.path.into_inner(),
             interval,
@@ -133,13 +141,17 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
 
     let cors = file.cors.map(|c| validate_cors(c, &mut push));
     let admin = file.admin.map(|a| {
-        let listen = *a.listen.get_ref();
+        // A defaulted `listen` is located at its `[admin]` header.
+        let span = Some(a.get_ref().listen.span())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| a.span());
+        let listen = *a.get_ref().listen.get_ref();
         if listen == file.listen && listen.port() != 0 {
-            push(a.listen.span(), "admin.listen", format!("{listen} is already the public listen address; give the admin listener its own port"));
+            push(span, "admin.listen", format!("{listen} is already the public listen address; give the admin listener its own port"));
         }
         super::Admin { listen }
     });
-    let mux = validate_mux(&file.mux, &routes, &mut push);
+    let mux = validate_mux(&file.mux, &routes, &route_paths, &mut push);
     let compression = Compression {
         enabled: file.compression.enabled,
         min_size: file.compression.min_size.0,
@@ -175,7 +187,7 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         listen: file.listen,
         upstream: file.upstream.0,
         server: Server {
-            max_connections: file.server.max_connections,
+            max_connections,
             drain_timeout: file.server.drain_timeout.0,
             max_header_bytes: usize::try_from(file.server.max_header_bytes.0).unwrap_or(usize::MAX),
             max_new_streams_per_sec: file.server.max_new_streams_per_sec,
@@ -205,6 +217,9 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         mux,
         admin,
         cluster: super::Cluster { secret },
+        log: super::Log {
+            access: file.log.access,
+        },
         routes,
     })
 }
@@ -217,10 +232,12 @@ const MIN_SECRET: usize = 16;
 const MAX_MUX_WATCHES: usize = 256;
 
 /// `[mux]`: each path is absolute, plain (no query, no parameters) and not a stream route's, so
-/// it cannot shadow an upstream resource by accident; `""` turns a feature off.
+/// it cannot shadow an upstream resource by accident; `""` turns a feature off. A clash with a
+/// path left at its default is the route's problem, reported where the route's path is written.
 fn validate_mux(
     m: &model::MuxSection,
     routes: &[Route],
+    route_paths: &[Range<usize>],
     push: &mut impl FnMut(Range<usize>, &str, String),
 ) -> super::Mux {
     let mut check = |v: &toml::Spanned<String>, key: &str| -> Option<String> {
@@ -228,7 +245,7 @@ fn validate_mux(
         if p.is_empty() {
             return None;
         }
-        let shadowed = routes.iter().find(|r| {
+        let shadowed = routes.iter().zip(route_paths).find(|(r, _)| {
             r.template.segments.len() == p.split('/').count() - 1
                 && r.template
                     .segments
@@ -245,15 +262,27 @@ fn validate_mux(
                 key,
                 format!("invalid path {p:?}: expected an absolute path like \"/_herald/stream\", without query or trailing '/' (or \"\" to turn it off)"),
             );
-        } else if let Some(r) = shadowed {
-            push(
-                v.span(),
-                key,
-                format!(
-                    "{p:?} is also matched by route {:?}; pick a path no route matches",
-                    r.template.source
-                ),
-            );
+        } else if let Some((r, route_path)) = shadowed {
+            if v.span().is_empty() {
+                push(
+                    route_path.clone(),
+                    &format!("route {:?} path", r.template.source),
+                    format!(
+                        "also matches {p:?}, herald's own {key} (the default), which takes \
+                         precedence; change the route's path, or set {key} to a path no route \
+                         matches"
+                    ),
+                );
+            } else {
+                push(
+                    v.span(),
+                    key,
+                    format!(
+                        "{p:?} is also matched by route {:?}; pick a path no route matches",
+                        r.template.source
+                    ),
+                );
+            }
         }
         Some(p.to_string())
     };

@@ -57,6 +57,8 @@ pub struct Service {
     pub admission: Arc<admission::Admission>,
     pub metrics: Arc<Metrics>,
     pub connections: Connections,
+    /// `[log] access`: one line per pass-through request.
+    pub access_log: bool,
 }
 
 /// How streams run (`[sse]`), and the flag that ends them all at shutdown.

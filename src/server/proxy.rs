@@ -100,7 +100,9 @@ pub async fn forward(
     let resp = match request.send().await {
         Ok(r) => r,
         Err(e) => {
-            debug!(error = %e, "pass-through failed");
+            // Without the URL: its query can carry credentials (`?access_token=…`).
+            let e = e.without_url();
+            debug!(error = %crate::logging::error_chain(&e), "pass-through failed");
             return if e.is_timeout() {
                 json_error(
                     StatusCode::GATEWAY_TIMEOUT,

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::open::{self, StreamRequest, Target};
 use super::{compress, cors, json_error, proxy, ResponseBody, Service};
 use crate::config::CorsPassThrough;
+use crate::logging::Access;
 use crate::sse::mux::WatchInfo;
 
 /// Per-connection facts a request handler needs.
@@ -40,12 +41,13 @@ pub async fn handle(
     let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
     // HEAD must describe what an uncompressed GET would send.
     let gzip = req.method() != Method::HEAD && compress::accepts_gzip(req.headers());
+    let access = Access::start(&req, conn.peer, svc.access_log);
     let resp = proxy::forward(&svc.origin, svc.proxy.timeout, req, conn.peer, conn.tls).await;
     let mut resp = compress::pass_through(resp, gzip, &svc.compression);
     if let Some(c) = cors_cfg.filter(|c| c.pass_through == CorsPassThrough::Override) {
         cors::replace(c, origin.as_ref(), resp.headers_mut());
     }
-    resp
+    access.wrap(resp)
 }
 
 /// What herald answers itself for a request on a route (the preflight of a stream, a stream, or
