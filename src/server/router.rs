@@ -30,6 +30,9 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Closes this connection (used for slow HTTP/1 consumers, whose body hyper stops polling).
     pub kill: CancellationToken,
+    /// This connection's private upstream connection for connection-bound credentials (NTLM,
+    /// Negotiate), made on first use (`proxy::private`).
+    pub upstream: proxy::ConnUpstream,
 }
 
 pub async fn handle(
@@ -48,14 +51,7 @@ pub async fn handle(
     let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
     // HEAD must describe what an uncompressed GET would send.
     let gzip = req.method() != Method::HEAD && compress::accepts_gzip(req.headers());
-    let resp = proxy::forward(
-        &app.upstream,
-        app.config.proxy.timeout,
-        req,
-        conn.peer,
-        conn.tls,
-    )
-    .await;
+    let resp = proxy::forward(&app, req, &conn).await;
     let mut resp = compress::pass_through(resp, gzip, &app.config.compression);
     if let Some(c) = cors_cfg.filter(|c| c.pass_through == CorsPassThrough::Override) {
         cors::replace(c, origin.as_ref(), resp.headers_mut());

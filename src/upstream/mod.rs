@@ -1,7 +1,8 @@
-//! The upstream side: one shared `reqwest::Client` (pooled connections to the legacy API) and one
-//! poller task per topic. Pollers know nothing of watchers: they hand each outcome to a `Sink`
-//! (the hub's topic), which diffs and fans out.
+//! The upstream side: one shared `reqwest::Client` for pollers (pooled connections to the legacy
+//! API), one poller task per topic, and the pass-through client (`pass`). Pollers know nothing of
+//! watchers: they hand each outcome to a `Sink` (the hub's topic), which diffs and fans out.
 
+pub mod pass;
 mod poller;
 
 use std::sync::Arc;
@@ -78,11 +79,12 @@ pub trait Sink: Send + Sync + 'static {
     fn deliver(&self, outcome: Outcome);
 }
 
-/// The legacy API: its base URL and the pooled client shared by pollers and pass-through.
+/// The legacy API: its base URL, the pooled client its pollers share, and the pass-through client.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: reqwest::Client,
     base: Arc<str>,
+    pass: pass::PassClient,
 }
 
 impl Upstream {
@@ -110,16 +112,31 @@ impl Upstream {
         }
         let client = builder.build().map_err(|e| Error::Client(e.to_string()))?;
         let base = config.upstream.as_str().trim_end_matches('/').into();
-        Ok(Upstream { client, base })
+        let pass = pass::PassClient::new(config)?;
+        Ok(Upstream { client, base, pass })
     }
 
+    /// The client pollers and access checks share. Pass-through uses [`Upstream::pass`].
     pub fn client(&self) -> &reqwest::Client {
         &self.client
     }
 
-    /// The upstream URL for a request path and query (`/api/x?y=1`), on the configured host only.
+    /// The pass-through client.
+    pub fn pass(&self) -> &pass::PassClient {
+        &self.pass
+    }
+
+    /// The upstream URL for a topic's or an access check's path and query (`/api/x?y=1`), on the
+    /// configured host only. Those paths are built from a matched route, whose parameters are
+    /// single safe segments; a dot segment is refused here all the same, since `Url::parse`
+    /// would resolve it and climb out of the prefix. Pass-through builds its URIs with
+    /// [`pass::Base::target`] instead, which keeps the target byte for byte.
     pub fn url_for(&self, path_and_query: &str) -> Result<reqwest::Url, url_error::Invalid> {
         debug_assert!(path_and_query.starts_with('/'));
+        let path = path_and_query.split('?').next().unwrap_or("");
+        if crate::routes::has_dot_segment(path) {
+            return Err(url_error::Invalid);
+        }
         reqwest::Url::parse(&format!("{}{}", self.base, path_and_query))
             .map_err(|_| url_error::Invalid)
     }
