@@ -261,8 +261,16 @@ pub fn classify(e: &(dyn StdError + 'static)) -> PassError {
             return PassError::Tls(describe_tls(tls));
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return PassError::Tls(describe_tls(tls));
+            // An io::Error's `source` skips the error it wraps: unwrap them by hand (the TLS
+            // connector nests one io::Error in another around the rustls error).
+            let mut inner = io.get_ref();
+            while let Some(i) = inner {
+                if let Some(tls) = i.downcast_ref::<rustls::Error>() {
+                    return PassError::Tls(describe_tls(tls));
+                }
+                inner = i
+                    .downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref());
             }
             connect = true;
         }

@@ -60,7 +60,7 @@ pub struct ConnState {
 }
 
 /// Builds the raw response bytes for a request; the connection stays open for more unless the
-/// response says `Connection: close`.
+/// request or the response says `Connection: close`.
 pub type Answer = Arc<dyn Fn(&RawRequest, &mut ConnState) -> Vec<u8> + Send + Sync>;
 
 pub struct RawUpstream {
@@ -171,7 +171,10 @@ async fn serve(
             return;
         }
         let head = String::from_utf8_lossy(&resp[..resp.len().min(2048)]).to_ascii_lowercase();
-        if head.contains("\r\nconnection: close\r\n") {
+        let asked = req
+            .header("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        if asked || head.contains("\r\nconnection: close\r\n") {
             let _ = stream.shutdown().await;
             return;
         }
