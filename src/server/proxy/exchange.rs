@@ -3,16 +3,21 @@
 //!
 //! A client that stops reading stops hyper from polling the body, so a timer inside the body
 //! would never fire (that is how 20 unread 100 MB responses held their upstream connections far
-//! past `timeout`). The bounds are kept by a small watchdog task instead. The body records when
-//! it was last asked for a frame and whether it is waiting on the upstream; the watchdog aborts
-//! the exchange when the deadline passes, or when the client has not asked for more for
-//! `send_timeout` while the upstream had data to give. Aborting drops the upstream body, which
-//! closes that upstream connection (a half-read response is never pooled), wakes the body so it
-//! ends in an error, and on HTTP/1 closes the client's connection, which carries nothing else.
+//! past `timeout`). The bounds are kept by a small watchdog task instead. The body notes when the
+//! client (through hyper) last took a frame, and whether hyper is waiting for the upstream. While
+//! hyper waits, the watchdog looks at the upstream itself every `send_timeout`. Data waiting
+//! there that hyper does not take means the client is stalled, not the upstream: hyper may have
+//! been woken for that data and gone back to flushing to a client that does not read. If such
+//! data sits for `send_timeout`, the exchange is aborted. The client is cut within one to two
+//! `send_timeout`s of its last read. The deadline aborts the exchange in any case.
 //!
-//! "Asked for more" is measured where hyper takes frames: it asks once its write buffer (at most
-//! `server.max_header_bytes`, 64 KiB by default, or the HTTP/2 stream's window) has room, so
-//! a client that reads at all keeps asking well within any sensible `send_timeout`.
+//! Aborting drops the upstream body, which closes that upstream connection (a half-read
+//! response is never pooled). It wakes the body so that it ends in an error, and on HTTP/1 it
+//! closes the client's connection, which carries nothing else.
+//!
+//! "Took a frame" is measured where hyper takes frames. Hyper asks whenever its write buffer
+//! (`server.max_header_bytes`, 64 KiB by default) or the HTTP/2 stream's window has room, so a
+//! client that reads at all keeps asking well within any sensible `send_timeout`.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -37,14 +42,21 @@ pub enum Aborted {
     Stalled,
 }
 
+/// A frame the watchdog found waiting at the upstream, kept for hyper's next poll (`None`: the
+/// body's end).
+type Stashed = Option<Result<Frame<Bytes>, hyper::Error>>;
+
 struct State {
     /// `None` once the body ended or the exchange was aborted.
     upstream: Option<Incoming>,
+    stash: Option<Stashed>,
     aborted: Option<Aborted>,
-    /// When the client (through hyper) last got a frame.
-    last_taken: Instant,
-    /// The last poll found the upstream with nothing to give: the wait is the upstream's.
+    /// Start of the current wait: when the client last took a frame, when data was found waiting
+    /// for it, or when the watchdog last found the upstream with nothing to give.
+    since: Instant,
+    /// Hyper's last poll found the upstream with nothing to give.
     waiting_upstream: bool,
+    /// Hyper's waker from that poll: woken on abort, and when the watchdog finds data.
     waker: Option<Waker>,
 }
 
@@ -65,8 +77,9 @@ pub fn guard(
 ) -> Guarded {
     let state = Arc::new(Mutex::new(State {
         upstream: Some(upstream),
+        stash: None,
         aborted: None,
-        last_taken: Instant::now(),
+        since: Instant::now(),
         waiting_upstream: false,
         waker: None,
     }));
@@ -95,34 +108,34 @@ async fn watch(
     loop {
         let next = {
             let s = lock(&state);
-            if s.upstream.is_none() {
+            if s.upstream.is_none() && s.stash.is_none() {
                 return;
             }
-            if s.waiting_upstream {
-                deadline
-            } else {
-                deadline.min(s.last_taken + send_timeout)
-            }
+            deadline.min(s.since + send_timeout)
         };
         tokio::select! {
             _ = done.cancelled() => return,
             _ = tokio::time::sleep_until(next) => {}
         }
         let mut s = lock(&state);
-        if s.upstream.is_none() {
+        if s.upstream.is_none() && s.stash.is_none() {
             return;
         }
         let now = Instant::now();
         let why = if now >= deadline {
             Aborted::Timeout
-        } else if !s.waiting_upstream && now >= s.last_taken + send_timeout {
-            Aborted::Stalled
-        } else {
+        } else if now < s.since + send_timeout {
             continue;
+        } else if s.waiting_upstream {
+            look_upstream(&mut s, now);
+            continue;
+        } else {
+            Aborted::Stalled
         };
         debug!(reason = %why, "pass-through aborted; closing the upstream connection");
         // Dropping a half-read body closes its upstream connection.
         s.upstream = None;
+        s.stash = None;
         s.aborted = Some(why);
         if let Some(w) = s.waker.take() {
             w.wake();
@@ -135,6 +148,26 @@ async fn watch(
     }
 }
 
+/// Hyper last found the upstream with nothing to give: see whether that is still so. Data found
+/// is kept for hyper (woken to take it), and from now on the wait is the client's.
+fn look_upstream(s: &mut State, now: Instant) {
+    s.since = now;
+    let Some(waker) = s.waker.clone() else {
+        return;
+    };
+    let Some(upstream) = s.upstream.as_mut() else {
+        return;
+    };
+    // Hyper's own waker: if the upstream is still empty, hyper is woken when data comes, as
+    // before this look.
+    let mut cx = Context::from_waker(&waker);
+    if let Poll::Ready(frame) = Pin::new(upstream).poll_frame(&mut cx) {
+        s.stash = Some(frame);
+        s.waiting_upstream = false;
+        waker.wake();
+    }
+}
+
 impl Body for Guarded {
     type Data = Bytes;
     type Error = BoxError;
@@ -144,10 +177,16 @@ impl Body for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut s = lock(&self.state);
-        let Some(upstream) = s.upstream.as_mut() else {
-            return Poll::Ready(s.aborted.map(|why| Err(Box::new(why) as BoxError)));
+        let polled = match s.stash.take() {
+            Some(frame) => Poll::Ready(frame),
+            None => match s.upstream.as_mut() {
+                Some(upstream) => Pin::new(upstream).poll_frame(cx),
+                None => {
+                    return Poll::Ready(s.aborted.map(|why| Err(Box::new(why) as BoxError)));
+                }
+            },
         };
-        match Pin::new(upstream).poll_frame(cx) {
+        match polled {
             Poll::Pending => {
                 s.waiting_upstream = true;
                 s.waker = Some(cx.waker().clone());
@@ -155,7 +194,7 @@ impl Body for Guarded {
             }
             Poll::Ready(frame) => {
                 s.waiting_upstream = false;
-                s.last_taken = Instant::now();
+                s.since = Instant::now();
                 if !matches!(frame, Some(Ok(_))) {
                     s.upstream = None;
                     drop(s);
@@ -168,9 +207,10 @@ impl Body for Guarded {
 
     fn is_end_stream(&self) -> bool {
         let s = lock(&self.state);
-        match &s.upstream {
-            Some(b) => b.is_end_stream(),
-            None => s.aborted.is_none(),
+        match (&s.stash, &s.upstream) {
+            (Some(_), _) => false,
+            (None, Some(b)) => b.is_end_stream(),
+            (None, None) => s.aborted.is_none(),
         }
     }
 
