@@ -236,6 +236,31 @@ mod tests {
         assert!(requested(&req(Version::HTTP_2, "upgrade", Some("websocket"))).is_none());
     }
 
+    #[test]
+    fn tunnel_counters() {
+        let stats = Arc::new(PassStats::default());
+        let open = OpenTunnel::new(stats.clone());
+        let _second = OpenTunnel::new(stats.clone());
+        assert_eq!(
+            (stats.tunnels_opened.get(), stats.tunnels_open.get()),
+            (2, 2)
+        );
+        drop(open);
+        assert_eq!(
+            (stats.tunnels_opened.get(), stats.tunnels_open.get()),
+            (2, 1)
+        );
+        let mut registry = prometheus_client::registry::Registry::default();
+        stats.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("herald_proxy_tunnels_opened_total 2"),
+            "{text}"
+        );
+        assert!(text.contains("herald_proxy_tunnels_open 1"), "{text}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_tunnels_close() {
         let (a, _a_peer) = tokio::io::duplex(64);
