@@ -76,7 +76,7 @@ pub async fn forward(app: &App, req: Request<Incoming>, conn: &ConnInfo) -> Resp
     let uri = match pass.base().target(raw) {
         Ok(u) => u,
         Err(e @ TargetError::DotSegment) => {
-            debug!(target = raw, "dot segment refused");
+            debug!(path = req.uri().path(), "dot segment refused");
             return json_error(StatusCode::BAD_REQUEST, "bad-request", &e.to_string());
         }
         Err(e) => return json_error(StatusCode::BAD_REQUEST, "bad-request", &e.to_string()),
