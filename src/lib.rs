@@ -135,7 +135,10 @@ impl Herald {
             routes: routes.clone(),
             hub: hub.clone(),
             auth,
-            origin,
+            pass: server::proxy::pass::PassClient::new(
+                &config,
+                server::proxy::pass::PassStats::of(&metrics),
+            )?,
             streams: server::Streams::new(&config.sse, shutdown),
             mux: server::mux::Endpoints::new(&config.mux),
             cors: config.cors.clone(),

@@ -256,18 +256,143 @@ fn match_template(t: &config::PathTemplate, path: &str) -> Option<Result<(), Rou
     Some(bad.map_or(Ok(()), Err))
 }
 
-/// A parameter value is one real segment: not empty, not `.`/`..` (even encoded), no encoded
-/// slash or backslash, no control characters, valid percent-encoding.
+/// A parameter value is one real segment: not empty, valid percent-encoding of UTF-8 text, and,
+/// in every form a backend might decode it to (see [`decodings`]), no `.`/`..` (nor `..;x`,
+/// `%252e%252e`, overlong `%c0%ae`), no slash or backslash, no control characters.
 fn safe_segment(raw: &str) -> bool {
     let Some(decoded) = percent_decode(raw) else {
         return false;
     };
     !decoded.is_empty()
-        && decoded != b"."
-        && decoded != b".."
-        && !decoded
-            .iter()
-            .any(|&b| b == b'/' || b == b'\\' || b < 0x20 || b == 0x7f)
+        && std::str::from_utf8(&decoded).is_ok()
+        && decodings(raw.as_bytes()).all(|form| {
+            !dot_like(&form)
+                && !form
+                    .iter()
+                    .any(|&b| b == b'/' || b == b'\\' || b < 0x20 || b == 0x7f)
+        })
+}
+
+/// Whether a request path has a dot segment in any form a backend might resolve: `.` or `..`
+/// (or only dots), literal or percent-encoded in any case, double-encoded (`%252e`), `%u002e`,
+/// overlong UTF-8 (`%c0%ae`) or full-width (`%ef%bc%8e`), with `;params` (`..;x`) or a NUL or
+/// trailing spaces after it, between `/` or `\` (a separator on Windows backends) in any of those
+/// encodings. Such a path is refused, never normalized: what a backend makes of it is its own.
+pub fn has_dot_segment(path: &str) -> bool {
+    decodings(path.as_bytes()).any(|form| form.split(|&b| b == b'/' || b == b'\\').any(dot_like))
+}
+
+/// How many rounds of percent-decoding are looked through: a backend that decodes twice is
+/// common, three times is not, and a bound keeps `%25252525…` linear.
+const DECODE_ROUNDS: usize = 3;
+
+/// `raw` as sent, then as decoded once, twice and three times (stopping when nothing changes),
+/// each with look-alike encodings of `.`, `/` and `\` folded to those characters. Invalid
+/// percent sequences stay as they are.
+fn decodings(raw: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let mut current: Option<Vec<u8>> = None;
+    let mut rounds = 0;
+    std::iter::from_fn(move || {
+        let next = match &current {
+            None => raw.to_vec(),
+            Some(prev) if rounds < DECODE_ROUNDS && prev.contains(&b'%') => {
+                rounds += 1;
+                let decoded = decode_lossy(prev);
+                if decoded == *prev {
+                    return None;
+                }
+                decoded
+            }
+            Some(_) => return None,
+        };
+        current = Some(next.clone());
+        Some(fold_lookalikes(&next))
+    })
+}
+
+/// A segment that a backend may treat as `.` or `..`: only dots, once `;params`, anything after
+/// a NUL and trailing spaces or tabs are cut (Windows drops trailing spaces and dots).
+fn dot_like(segment: &[u8]) -> bool {
+    let end = segment
+        .iter()
+        .position(|&b| b == b';' || b == 0)
+        .unwrap_or(segment.len());
+    let mut seg = &segment[..end];
+    while let [rest @ .., b' ' | b'\t'] = seg {
+        seg = rest;
+    }
+    !seg.is_empty() && seg.iter().all(|&b| b == b'.')
+}
+
+/// Percent-decode `%XX` and IIS-style `%uXXXX`; anything invalid is kept literally.
+fn decode_lossy(raw: &[u8]) -> Vec<u8> {
+    fn hex(bytes: &[u8]) -> Option<u32> {
+        let s = std::str::from_utf8(bytes).ok()?;
+        u32::from_str_radix(s, 16).ok()
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' {
+            if let Some(v) = raw.get(i + 1..i + 3).and_then(hex) {
+                out.push(v as u8);
+                i += 3;
+                continue;
+            }
+            if matches!(raw.get(i + 1), Some(b'u' | b'U')) {
+                if let Some(c) = raw.get(i + 2..i + 6).and_then(hex).and_then(char::from_u32) {
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    i += 6;
+                    continue;
+                }
+            }
+        }
+        out.push(raw[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Byte sequences that lenient decoders turn into `.`, `/` or `\`: overlong UTF-8 (never valid,
+/// but accepted by old decoders) and the full-width forms and dot leaders that Unicode
+/// normalization (NFKC) maps to them.
+const LOOKALIKES: &[(&[u8], &[u8])] = &[
+    (&[0xc0, 0xae], b"."),
+    (&[0xe0, 0x80, 0xae], b"."),
+    (&[0xf0, 0x80, 0x80, 0xae], b"."),
+    (&[0xc0, 0xaf], b"/"),
+    (&[0xe0, 0x80, 0xaf], b"/"),
+    (&[0xf0, 0x80, 0x80, 0xaf], b"/"),
+    (&[0xc1, 0x9c], b"\\"),
+    (&[0xe0, 0x81, 0x9c], b"\\"),
+    (&[0xef, 0xbc, 0x8e], b"."),
+    (&[0xef, 0xbc, 0x8f], b"/"),
+    (&[0xef, 0xbc, 0xbc], b"\\"),
+    (&[0xe2, 0x80, 0xa4], b"."),
+    (&[0xe2, 0x80, 0xa5], b".."),
+];
+
+fn fold_lookalikes(bytes: &[u8]) -> Vec<u8> {
+    if bytes.is_ascii() {
+        return bytes.to_vec();
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    'outer: while i < bytes.len() {
+        if bytes[i] >= 0x80 {
+            for (from, to) in LOOKALIKES {
+                if bytes[i..].starts_with(from) {
+                    out.extend_from_slice(to);
+                    i += from.len();
+                    continue 'outer;
+                }
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
 }
 
 pub(crate) fn percent_decode(raw: &str) -> Option<Vec<u8>> {
@@ -389,6 +514,25 @@ mod tests {
             "/api/builds/a%zz",
             "/api/builds/%00",
             "/api/builds/a\\b",
+            // Forms a lenient or double-decoding backend resolves to `..` or `.`.
+            "/api/builds/..;",
+            "/api/builds/..;jsessionid=1",
+            "/api/builds/%2e%2e;x",
+            "/api/builds/%252e%252e",
+            "/api/builds/%25252E%25252e",
+            "/api/builds/%c0%ae%c0%ae",
+            "/api/builds/%C0%AE",
+            "/api/builds/%e0%80%ae%e0%80%ae",
+            "/api/builds/%ef%bc%8e%ef%bc%8e",
+            "/api/builds/%u002e%u002e",
+            "/api/builds/..%00",
+            "/api/builds/..%20",
+            "/api/builds/...",
+            // Separators a double-decoding or lenient backend would see.
+            "/api/builds/a%252fb",
+            "/api/builds/a%255cb",
+            "/api/builds/a%c0%afb",
+            "/api/builds/%ff",
         ] {
             assert!(
                 matches!(t.resolve(bad, None), Err(RouteError::BadParam { .. })),
@@ -397,6 +541,53 @@ mod tests {
         }
         assert!(t.resolve("/api/builds/", None).is_err());
         assert!(t.resolve("/api/builds/caf%C3%A9", None).unwrap().is_some());
+        // Dots inside a name, a literal percent and `;` after a name are ordinary values.
+        for ok in [
+            "/api/builds/v1.2",
+            "/api/builds/.hidden",
+            "/api/builds/a..b",
+            "/api/builds/50%25",
+            "/api/builds/a;b",
+        ] {
+            assert!(t.resolve(ok, None).unwrap().is_some(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_in_paths() {
+        for bad in [
+            "/..",
+            "/../secret",
+            "/./x",
+            "/a/.",
+            "/%2e%2e/secret",
+            "/.%2e/secret",
+            "/%2E./secret",
+            "/echo/%2e%2e/%2e%2e/secret",
+            "/a/..;/secret",
+            "/a/%252e%252e/secret",
+            "/a/%c0%ae%c0%ae/secret",
+            "/a\\..\\secret",
+            "/a%5c..%5csecret",
+            "/a/%u002e%u002e/x",
+            "/a/.. /x",
+        ] {
+            assert!(has_dot_segment(bad), "{bad}");
+        }
+        for ok in [
+            "/",
+            "/a/b",
+            "//a//b",
+            "/a.b/c",
+            "/a/..b",
+            "/a/b..",
+            "/.well-known/x",
+            "/a/%2e%2ex",
+            "/a/%25",
+            "/a;b/c",
+        ] {
+            assert!(!has_dot_segment(ok), "{ok}");
+        }
     }
 
     #[test]

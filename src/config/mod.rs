@@ -103,7 +103,14 @@ pub struct Sse {
 #[derive(Debug, Clone)]
 pub struct Proxy {
     pub connect_timeout: Duration,
+    /// The whole exchange: upstream head and body.
     pub timeout: Duration,
+    /// How long a client may take no bytes of a pass-through body.
+    pub send_timeout: Duration,
+    /// How long a tunnel may carry nothing either way.
+    pub tunnel_idle_timeout: Duration,
+    pub rewrite_redirects: bool,
+    pub via: bool,
     /// Extra trusted roots for an `https` upstream, read and parsed at load time.
     pub ca: Option<Ca>,
 }

@@ -178,8 +178,18 @@ impl Default for SseSection {
 pub struct ProxySection {
     /// Time allowed to connect to the upstream.
     pub connect_timeout: HumanDuration,
-    /// Time allowed for the upstream to answer a pass-through request (head and body).
-    pub timeout: HumanDuration,
+    /// Time allowed for a whole pass-through exchange: the upstream's head and all of the body.
+    pub timeout: Spanned<HumanDuration>,
+    /// A client that takes no bytes of a pass-through body for this long is cut off, and the
+    /// upstream connection with it.
+    pub send_timeout: Spanned<HumanDuration>,
+    /// A tunnel (WebSocket or other `Upgrade`) with no bytes either way for this long is closed.
+    pub tunnel_idle_timeout: Spanned<HumanDuration>,
+    /// Rewrite `Location`, `Content-Location` and `Refresh` URLs that point at the upstream to the
+    /// client-facing origin.
+    pub rewrite_redirects: bool,
+    /// Add `Via: 1.1 herald` to pass-through requests and responses.
+    pub via: bool,
     /// PEM file of extra CA certificates to trust for an `https` upstream (a private CA), on top
     /// of the system's roots and the built-in Mozilla roots.
     pub ca: Option<Spanned<PathBuf>>,
@@ -187,9 +197,14 @@ pub struct ProxySection {
 
 impl Default for ProxySection {
     fn default() -> Self {
+        let d = |secs| Spanned::new(0..0, HumanDuration(Duration::from_secs(secs)));
         ProxySection {
             connect_timeout: HumanDuration(Duration::from_secs(3)),
-            timeout: HumanDuration(Duration::from_secs(30)),
+            timeout: d(30),
+            send_timeout: d(30),
+            tunnel_idle_timeout: d(600),
+            rewrite_redirects: true,
+            via: true,
             ca: None,
         }
     }

@@ -12,6 +12,9 @@ use super::{Ca, Compression, Config, Cors, CorsOrigins, Problem, Proxy, Route, S
 /// The shortest poll interval accepted: anything faster is a load test, not a proxy.
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
 const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
+/// The shortest pass-through timeouts accepted: below this, ordinary scheduling delays would
+/// cut healthy exchanges.
+const MIN_PROXY_TIMEOUT: Duration = Duration::from_millis(100);
 
 pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
     let mut problems = Vec::new();
@@ -157,6 +160,29 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         min_size: file.compression.min_size.0,
     };
 
+    let mut at_least = |v: &toml::Spanned<model::HumanDuration>, key: &str, min: Duration| {
+        let d = v.get_ref().0;
+        if d < min {
+            push(
+                v.span(),
+                key,
+                format!("must be at least {min:?}, got {d:?}"),
+            );
+        }
+        d
+    };
+    let proxy_timeout = at_least(&file.proxy.timeout, "proxy.timeout", MIN_PROXY_TIMEOUT);
+    let send_timeout = at_least(
+        &file.proxy.send_timeout,
+        "proxy.send_timeout",
+        MIN_PROXY_TIMEOUT,
+    );
+    let tunnel_idle_timeout = at_least(
+        &file.proxy.tunnel_idle_timeout,
+        "proxy.tunnel_idle_timeout",
+        Duration::from_secs(1),
+    );
+
     let ca = file
         .proxy
         .ca
@@ -205,7 +231,11 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         },
         proxy: Proxy {
             connect_timeout: file.proxy.connect_timeout.0,
-            timeout: file.proxy.timeout.0,
+            timeout: proxy_timeout,
+            send_timeout,
+            tunnel_idle_timeout,
+            rewrite_redirects: file.proxy.rewrite_redirects,
+            via: file.proxy.via,
             ca,
         },
         tls: file.tls.map(|t: model::TlsSection| Tls {

@@ -70,6 +70,7 @@ impl Conn {
                     peer,
                     tls: false,
                     kill,
+                    upstream: Default::default(),
                 };
                 // An HTTP/1.1 stream is served on the socket directly (`fast.rs`); `watcher`
                 // stays alive meanwhile, so the drain waits for it like for any connection.
@@ -153,6 +154,7 @@ async fn serve_tls(
         peer,
         tls: true,
         kill,
+        upstream: Default::default(),
     };
     serve_http(
         TokioIo::new(Tracked::new(stream, &app.metrics, info.tls)),
@@ -193,7 +195,8 @@ async fn serve_http<I>(
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
-    let conn = builder.serve_connection(io, service);
+    // With upgrades: a pass-through `Upgrade` (WebSocket) becomes a tunnel (`proxy::tunnel`).
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::select! {
         r = watcher.watch(conn) => {
             if let Err(e) = r {

@@ -30,7 +30,6 @@ use crate::config;
 use crate::hub::Hub;
 use crate::routes::LiveRoutes;
 use crate::shutdown::Flag;
-use crate::source::Origin;
 use crate::telemetry::Metrics;
 
 pub use crate::reply::{json_error, BoxError, ResponseBody};
@@ -44,8 +43,8 @@ pub struct Service {
     pub hub: Hub,
     /// Credentials, sharing, access checks and revocation of streams.
     pub auth: Auth,
-    /// The legacy API, for pass-through.
-    pub origin: Origin,
+    /// The pass-through client (its own pool, targets forwarded byte for byte).
+    pub pass: proxy::pass::PassClient,
     pub streams: Streams,
     /// The multiplexed stream and the browser client, when enabled.
     pub mux: mux::Endpoints,

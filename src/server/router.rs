@@ -23,6 +23,9 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Closes this connection (used for slow HTTP/1 consumers, whose body hyper stops polling).
     pub kill: CancellationToken,
+    /// This connection's private upstream connection for connection-bound credentials (NTLM,
+    /// Negotiate), made on first use (`proxy::private`).
+    pub upstream: proxy::ConnUpstream,
 }
 
 pub async fn handle(
@@ -42,7 +45,7 @@ pub async fn handle(
     // HEAD must describe what an uncompressed GET would send.
     let gzip = req.method() != Method::HEAD && compress::accepts_gzip(req.headers());
     let access = Access::start(&req, conn.peer, svc.access_log);
-    let resp = proxy::forward(&svc.origin, svc.proxy.timeout, req, conn.peer, conn.tls).await;
+    let resp = proxy::forward(&svc, req, &conn).await;
     let mut resp = compress::pass_through(resp, gzip, &svc.compression);
     if let Some(c) = cors_cfg.filter(|c| c.pass_through == CorsPassThrough::Override) {
         cors::replace(c, origin.as_ref(), resp.headers_mut());

@@ -46,9 +46,17 @@ impl Origin {
         &self.client
     }
 
-    /// The upstream URL for a request path and query (`/api/x?y=1`), on the configured host only.
+    /// The upstream URL for a topic's or an access check's path and query (`/api/x?y=1`), on the
+    /// configured host only. Those paths are built from a matched route, whose parameters are
+    /// single safe segments; a dot segment is refused here all the same, since `Url::parse`
+    /// would resolve it and climb out of the prefix. (Pass-through builds its URIs itself,
+    /// keeping the target byte for byte: `server::proxy::pass`.)
     pub fn url_for(&self, path_and_query: &str) -> Result<reqwest::Url, url_error::Invalid> {
         debug_assert!(path_and_query.starts_with('/'));
+        let path = path_and_query.split('?').next().unwrap_or("");
+        if crate::routes::has_dot_segment(path) {
+            return Err(url_error::Invalid);
+        }
         reqwest::Url::parse(&format!("{}{}", self.base, path_and_query))
             .map_err(|_| url_error::Invalid)
     }

@@ -93,6 +93,9 @@ pub struct Metrics {
     rejected: Family<ReasonLabel, Counter>,
     reconnects: Family<ReconnectLabels, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    /// Pass-through tunnels (WebSocket and other `Upgrade` exchanges).
+    pub tunnels_opened: Counter,
+    pub tunnels_open: Gauge,
     /// Handles per route template, made on first use; a route that keeps its path across a reload
     /// keeps its series.
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
@@ -133,6 +136,8 @@ impl Metrics {
             rejected: Family::default(),
             reconnects: Family::default(),
             reloads: Family::default(),
+            tunnels_opened: Counter::default(),
+            tunnels_open: Gauge::default(),
             routes: Mutex::new(HashMap::new()),
         };
         let r = &mut m.registry;
@@ -205,6 +210,16 @@ impl Metrics {
             "reconnects",
             "Streams opened with a Last-Event-ID, by outcome (replay of the gap, or a fresh snapshot)",
             m.reconnects.clone(),
+        );
+        r.register(
+            "proxy_tunnels_opened",
+            "Tunnels (WebSocket and other Upgrade exchanges) opened",
+            m.tunnels_opened.clone(),
+        );
+        r.register(
+            "proxy_tunnels_open",
+            "Tunnels open now",
+            m.tunnels_open.clone(),
         );
         r.register(
             "config_reloads",

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub mod admin;
 pub mod browser;
 pub mod h2;
+pub mod raw;
 pub mod tls;
 
 /// How the test upstream answers one path.
