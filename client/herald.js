@@ -154,8 +154,15 @@ export function applyMergePatch(doc, patch) {
   return doc;
 }
 
-/** Apply an event's `data` to `state`: an array is a JSON Patch, anything else a merge patch. */
-export function applyChange(state, data) {
+/**
+ * Apply a patch envelope's `data` to `state`. `format` is the envelope's: "json-patch" (RFC 6902)
+ * or "merge-patch" (RFC 7386); without one (an envelope from before `format`), an array is a JSON
+ * Patch and anything else a merge patch.
+ */
+export function applyChange(state, data, format) {
+  if (format === "json-patch") return applyPatch(state, data);
+  if (format === "merge-patch") return applyMergePatch(state, data);
+  if (format != null) throw new Error(`unknown patch format ${JSON.stringify(format)}`);
   return Array.isArray(data) ? applyPatch(state, data) : applyMergePatch(state, data);
 }
 
@@ -193,7 +200,7 @@ class Watch {
     } else if (env.type === "patch") {
       if (!this.ready) return false;
       try {
-        this.state = applyChange(this.state, env.data);
+        this.state = applyChange(this.state, env.data, env.format);
       } catch (e) {
         return false;
       }
