@@ -491,8 +491,9 @@ export class Herald {
     return c.length === 1 ? c[0] : null;
   }
 
-  // One event of the stream: from this tab's connection or from the leader's.
-  receive(name, data, id) {
+  // One event of the stream: from this tab's connection or from the leader's (with the
+  // position the leader found for it). Returns the event's position, when it has one.
+  receive(name, data, id, pos) {
     let env;
     try {
       env = JSON.parse(data);
@@ -501,12 +502,13 @@ export class Herald {
     }
     this.stats.events++;
     const d = (env && env.data) || {};
+    let at;
     if (name === "hello") {
       for (const w of env.watches || []) this.map(w.path, w.topic);
     } else if (name === "refused") {
       this.refuse(d.path, d);
     } else if (name === "snapshot" || name === "patch" || name === "upstream-error") {
-      this.apply(env, id);
+      at = this.apply(env, id, pos);
     } else if (name === "error" && (d.status === 401 || d.status === 403 || d.error === "unauthorized" || d.error === "forbidden")) {
       // Access to this topic ended: its watches end; the others go on after the reconnect.
       for (const path of this.refs.keys()) if (this.key(path) === env.topic) this.refuse(path, d, "error");
@@ -514,17 +516,18 @@ export class Herald {
       this.report({ type: "auth-expired", status: 401, error: "auth-expired", message: "the session expired", ...d });
     }
     if (id) this.lastId = id;
+    return at;
   }
 
-  apply(env, id) {
+  apply(env, id, known) {
     const t = this.topic(env.topic);
-    const pos = id ? this.position(t, id) : null;
+    const pos = known || (id ? this.position(t, id) : null);
     if (pos) t.epoch = epochOf(pos);
     const type = env.type;
     if (t.ready && pos && t.pos) {
       // Seen already: a replay after another tab took over, or a page's state that was newer.
       const d = ahead(pos, t.pos);
-      if (d < 0 || (d === 0 && type !== "snapshot")) return;
+      if (d < 0 || (d === 0 && type !== "snapshot")) return pos;
     }
     if (type === "snapshot") {
       this.adopt(t, env.data, pos, null);
@@ -543,6 +546,7 @@ export class Herald {
     if (pos && t.ready) t.pos = pos;
     t.events++;
     this.notify(t.name, type);
+    return pos;
   }
 
   // A patch did not apply: this topic needs its whole state again.
@@ -658,10 +662,11 @@ export class Herald {
     this.setStatus("live");
   }
 
-  // An event of this tab's stream: to the other tabs, then here.
+  // An event of this tab's stream: here, then to the other tabs with its position (a tab that
+  // joined late cannot always tell which of a stream id's positions is the event's).
   publish(name, data, id) {
-    if (this.role === "leader") this.post({ t: "ev", name, data, id });
-    this.receive(name, data, id);
+    const pos = this.receive(name, data, id);
+    if (this.role === "leader") this.post({ t: "ev", name, data, id, pos });
   }
 
   // The token to open a stream with: the app's current one (`accessToken` read afresh when it
@@ -815,7 +820,7 @@ export class Herald {
         if (this.joined) this.announce();
         break;
       case "ev":
-        if (!leader) this.receive(m.name, m.data, m.id);
+        if (!leader) this.receive(m.name, m.data, m.id, m.pos);
         break;
       case "state":
         if (!leader) this.offer(m);

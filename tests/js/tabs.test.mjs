@@ -145,6 +145,33 @@ test("the leader closing hands the stream over from the last id: no gap, no dupl
   for (const t of rest) t.h.close();
 });
 
+test("a tab that joins late learns each event's position from the leader, and sees each state once", async () => {
+  install({ handler: accepting });
+  const a = tab("a");
+  a.watch("/api/1");
+  a.watch("/api/2");
+  const w = await serve();
+  w.send("snapshot", "/api/1", { n: 0 }, "e0", 1);
+  w.send("snapshot", "/api/2", { n: 0 }, "e1", 1);
+  await settle();
+  // b has seen none of the stream's topics: in "e0-1~e1-1~e2-1" it cannot tell which is /api/3's.
+  const b = tab("b");
+  b.watch("/api/3");
+  b.watch("/api/2");
+  await settle();
+  w.send("snapshot", "/api/3", { n: 0 }, "e2", 1);
+  await settle();
+  // A third tab makes every tab announce itself again: b must not take the leader's answer as news.
+  const c = tab("c");
+  c.watch("/api/1");
+  await settle();
+  w.send("patch", "/api/3", { n: 1 }, "e2", 2, { format: "merge-patch" });
+  await settle();
+  assert.deepEqual(b.seen["/api/3"].map((x) => [x.s.n, x.type, x.id]), [[0, "snapshot", "e2-1"], [1, "patch", "e2-2"]]);
+  assert.deepEqual(b.seen["/api/2"].map((x) => [x.s.n, x.type, x.id]), [[0, "snapshot", "e1-1"]]);
+  for (const t of [a, b, c]) t.h.close();
+});
+
 test("a tab that vanishes without a word (crash) is dropped once its lock frees", async () => {
   const env = install({ handler: accepting });
   const [a, b] = [tab("a"), tab("b")];
