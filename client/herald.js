@@ -1166,7 +1166,7 @@ class Connection {
     const control = this.control;
     try {
       const body = { path };
-      const since = add && c.since(path);
+      const since = add && !this.noSince && c.since(path);
       if (since) body.since = since; // the topic goes on from the state this tab has
       const resp = await this.request(add ? "/watch" : "/unwatch", body);
       if (control !== this.control) return; // the stream was replaced meanwhile
@@ -1179,6 +1179,9 @@ class Connection {
         } else {
           this.server.delete(path);
         }
+      } else if (add && since && resp.status === 400) {
+        // A herald from before `since`: ask again without it (a snapshot follows, no gap).
+        this.noSince = true;
       } else if (add) {
         // Refused (not a stream route, forbidden, too many watches): that watch ends alone.
         const error = await errorOf(resp);

@@ -107,6 +107,30 @@ test("from on a live stream: the watch request carries `since`", async () => {
   h.close();
 });
 
+test("a herald that does not know `since` yet (400): the watch is asked again without it", async () => {
+  const env = install({
+    handler: (call) =>
+      call.url === CONTROL + "/watch" && "since" in call.body
+        ? json(400, { error: "bad-request", message: 'expected a JSON body like {"path": "/api/builds/3"}' })
+        : accepting(call),
+  });
+  const h = new Herald({ share: false });
+  const errors = [];
+  h.onError((e) => errors.push(e));
+  h.watch("/api/a", () => {});
+  const w = await liveStream(h, ["/api/a"]);
+  const cb = recorder();
+  h.watch("/api/b", cb, { from: { id: "kb-3", state: { v: 3 } } });
+  await settle();
+  assert.deepEqual(env.fetch.calls.filter((c) => c.url === CONTROL + "/watch").map((c) => c.body), [{ path: "/api/b", since: "kb-3" }, { path: "/api/b" }]);
+  assert.deepEqual(errors, []);
+  // herald sends the topic's snapshot, which replaces the page's state.
+  w.send("snapshot", "/api/b", { v: 4 }, "kb", 4);
+  assert.deepEqual(cb.states(), [{ v: 3 }, { v: 4 }]);
+  assert.equal(cb.last()[1].error, null);
+  h.close();
+});
+
 test("fetchAndWatch: GET, then watch from its Herald-Event-Id", async () => {
   const env = install({
     handler: (call) =>
