@@ -6,7 +6,12 @@
 //   {"cmd":"eval","expr":"document.title"}                  -> {"ok":true,"value":"…"}
 //   {"cmd":"wait","expr":"…truthy when done…","timeout":5000} -> {"ok":true,"value":…} or ok:false
 //   {"cmd":"screenshot","path":"docs/demo.png","height":460} -> {"ok":true}
+//   {"cmd":"open","url":"http://127.0.0.1:8080/"}           -> {"ok":true,"value":1} (a new tab, now current)
+//   {"cmd":"tab","id":0}                                    -> {"ok":true} (commands go to tab 0)
+//   {"cmd":"close","id":1}                                  -> {"ok":true} (closes it as a user would)
 //   {"cmd":"quit"}
+//
+// Commands act on the current tab: the first one (id 0) until `open` or `tab` picks another.
 //
 // Chromium runs with a fresh profile and every background feature off, and is killed when this
 // script ends for any reason (stdin closed included).
@@ -136,23 +141,34 @@ function once(method, sessionId, timeout) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-// --- one page, attached in flat mode ---
-const { targetId } = await send("Target.createTarget", { url: "about:blank" });
-const { sessionId } = await send("Target.attachToTarget", { targetId, flatten: true });
-const page = (method, params) => send(method, params, sessionId);
-await page("Page.enable");
-await page("Runtime.enable");
-await page("Emulation.setDeviceMetricsOverride", { width: 1100, height: 760, deviceScaleFactor: 1, mobile: false });
-const consoleLines = [];
+// --- tabs, each attached in flat mode; commands go to the current one ---
+const tabs = new Map(); // id -> { id, targetId, sessionId, consoleLines }
+let nextTab = 0;
+let tab;
+const page = (method, params) => send(method, params, tab.sessionId);
+
+async function newTab() {
+  const { targetId } = await send("Target.createTarget", { url: "about:blank" });
+  const { sessionId } = await send("Target.attachToTarget", { targetId, flatten: true });
+  const t = { id: nextTab++, targetId, sessionId, consoleLines: [] };
+  tabs.set(t.id, t);
+  await send("Page.enable", {}, sessionId);
+  await send("Runtime.enable", {}, sessionId);
+  await send("Emulation.setDeviceMetricsOverride", { width: 1100, height: 760, deviceScaleFactor: 1, mobile: false }, sessionId);
+  return t;
+}
+
 listeners.add((msg) => {
-  if (msg.sessionId !== sessionId) return;
+  const t = [...tabs.values()].find((x) => x.sessionId === msg.sessionId);
+  if (!t) return;
   if (msg.method === "Runtime.consoleAPICalled") {
-    consoleLines.push(`${msg.params.type}: ${msg.params.args.map((a) => a.value ?? a.description).join(" ")}`);
+    t.consoleLines.push(`${msg.params.type}: ${msg.params.args.map((a) => a.value ?? a.description).join(" ")}`);
   } else if (msg.method === "Runtime.exceptionThrown") {
-    consoleLines.push(`exception: ${msg.params.exceptionDetails.exception?.description ?? msg.params.exceptionDetails.text}`);
+    t.consoleLines.push(`exception: ${msg.params.exceptionDetails.exception?.description ?? msg.params.exceptionDetails.text}`);
   }
-  if (consoleLines.length > 50) consoleLines.shift();
+  if (t.consoleLines.length > 50) t.consoleLines.shift();
 });
+tab = await newTab();
 
 async function evaluate(expr) {
   const r = await page("Runtime.evaluate", { expression: expr, returnByValue: true, awaitPromise: true });
@@ -164,7 +180,7 @@ async function evaluate(expr) {
 
 const commands = {
   async goto({ url, timeout = 10000 }) {
-    const loaded = once("Page.loadEventFired", sessionId, timeout);
+    const loaded = once("Page.loadEventFired", tab.sessionId, timeout);
     const r = await page("Page.navigate", { url });
     if (r.errorText) throw new Error(`navigation failed: ${r.errorText}`);
     await loaded;
@@ -190,7 +206,25 @@ const commands = {
     const { data } = await page("Page.captureScreenshot", params);
     writeFileSync(path, Buffer.from(data, "base64"));
   },
-  console: () => consoleLines.slice(),
+  console: () => tab.consoleLines.slice(),
+  async open({ url, timeout }) {
+    tab = await newTab();
+    await commands.goto({ url, timeout });
+    return tab.id;
+  },
+  tab({ id }) {
+    if (!tabs.has(id)) throw new Error(`no tab ${id}`);
+    tab = tabs.get(id);
+  },
+  async close({ id }) {
+    const t = tabs.get(id);
+    if (!t) throw new Error(`no tab ${id}`);
+    const gone = once("Target.detachedFromTarget", undefined, 10000);
+    await send("Target.closeTarget", { targetId: t.targetId });
+    await gone;
+    tabs.delete(id);
+    if (tab === t) tab = tabs.values().next().value;
+  },
   quit: () => finish(0),
 };
 
@@ -209,7 +243,7 @@ for await (const line of lines) {
     if (!fn) throw new Error(`unknown command ${cmd.cmd}`);
     reply({ ok: true, value: (await fn(cmd)) ?? null });
   } catch (e) {
-    reply({ ok: false, error: String(e && e.message ? e.message : e), console: consoleLines.slice(-10) });
+    reply({ ok: false, error: String(e && e.message ? e.message : e), console: tab ? tab.consoleLines.slice(-10) : [] });
   }
 }
 // stdin closed: the test is gone.

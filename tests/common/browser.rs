@@ -1,5 +1,6 @@
 //! The headless-Chromium driver shared by the browser tests: `tests/browser/cdp.mjs` (the
 //! DevTools protocol over a pipe, no npm packages) behind a one-JSON-line-per-command protocol.
+//! Commands go to the current tab; `open`, `tab` and `close_tab` drive several.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -87,6 +88,22 @@ impl Browser {
     pub async fn wait(&mut self, expr: &str) -> Value {
         self.cmd(json!({"cmd": "wait", "expr": expr, "timeout": STEP.as_millis() as u64}))
             .await
+    }
+
+    /// Open `url` in a new tab, which becomes the current one; returns its id (the first is 0).
+    pub async fn open(&mut self, url: &str) -> u64 {
+        let id = self.cmd(json!({"cmd": "open", "url": url})).await;
+        id.as_u64().expect("a tab id")
+    }
+
+    /// Send the next commands to tab `id`.
+    pub async fn tab(&mut self, id: u64) {
+        self.cmd(json!({"cmd": "tab", "id": id})).await;
+    }
+
+    /// Close tab `id` as a user would (its `pagehide` runs).
+    pub async fn close_tab(&mut self, id: u64) {
+        self.cmd(json!({"cmd": "close", "id": id})).await;
     }
 
     pub async fn quit(mut self) {

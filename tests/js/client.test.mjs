@@ -92,3 +92,17 @@ test("RFC 7386 appendix A examples", () => {
     assert.deepEqual(applyMergePatch(before, patch), after, JSON.stringify(patch));
   }
 });
+
+test("applyChange follows the envelope's format, and old envelopes by their shape", () => {
+  const ops = [{ op: "replace", path: "/a", value: 2 }];
+  assert.deepEqual(applyChange({ a: 1 }, copy(ops), "json-patch"), { a: 2 });
+  assert.deepEqual(applyChange({ a: 1, b: 1 }, { b: null, c: 3 }, "merge-patch"), { a: 1, c: 3 });
+  // A merge patch may be an array: it replaces the document (the shape alone would misread it).
+  assert.deepEqual(applyChange({ a: 1 }, [1, 2], "merge-patch"), [1, 2]);
+  assert.throws(() => applyChange({ a: 1 }, { a: 2 }, "json-patch"));
+  // Envelopes from before `format`: an array is a JSON Patch, anything else a merge patch.
+  assert.deepEqual(applyChange({ a: 1 }, copy(ops)), { a: 2 });
+  assert.deepEqual(applyChange({ a: 1 }, { b: 2 }), { a: 1, b: 2 });
+  assert.deepEqual(applyChange({ a: 1 }, { b: 2 }, null), { a: 1, b: 2 });
+  assert.throws(() => applyChange({ a: 1 }, { b: 2 }, "xml-patch"), /unknown patch format/);
+});
