@@ -43,7 +43,7 @@ fn watchers(hub: &herald::hub::Hub, id: u64) -> usize {
     hub.topics_snapshot()
         .iter()
         .filter(|t| *t.key.resource == *resource)
-        .map(|t| t.watcher_count())
+        .map(|t| t.channel.watcher_count())
         .sum()
 }
 
