@@ -524,8 +524,10 @@ async fn herald_serves_its_browser_client() {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
     assert_eq!(text, file);
+    // Cross-tab sharing, session refresh and resume made it grow from 5.6 KB; a third of what
+    // remains is comments. Keep it from growing further unnoticed.
     assert!(
-        gz.len() < 8 * 1024,
+        gz.len() < 14 * 1024,
         "the client is a few KB on the wire: {}",
         gz.len()
     );
