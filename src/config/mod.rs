@@ -87,6 +87,9 @@ pub struct Server {
     pub max_new_streams_per_sec: u32,
     pub max_streams_per_ip: u32,
     pub max_streams_per_credential: u32,
+    pub max_connections_per_ip: u32,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]

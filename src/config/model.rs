@@ -123,6 +123,15 @@ pub struct ServerSection {
     /// Open streams per credential (same cookie / Authorization / token); beyond it, 429.
     /// 0: no limit.
     pub max_streams_per_credential: u32,
+    /// Open connections from one client address; beyond it, new ones are closed at once.
+    /// 0: no limit.
+    pub max_connections_per_ip: u32,
+    /// A connection must send its first complete request head within this of being accepted
+    /// (after the TLS handshake), or it is closed.
+    pub header_timeout: Spanned<HumanDuration>,
+    /// A connection with no request or response in progress for this long is closed (HTTP/1.1
+    /// keep-alive and HTTP/2 alike; a stream keeps its connection busy).
+    pub idle_timeout: Spanned<HumanDuration>,
 }
 
 impl Default for ServerSection {
@@ -134,6 +143,9 @@ impl Default for ServerSection {
             max_new_streams_per_sec: 2_000,
             max_streams_per_ip: 1_000,
             max_streams_per_credential: 100,
+            max_connections_per_ip: 1_000,
+            header_timeout: Spanned::new(0..0, HumanDuration(Duration::from_secs(10))),
+            idle_timeout: Spanned::new(0..0, HumanDuration(Duration::from_secs(60))),
         }
     }
 }

@@ -6,8 +6,9 @@ use std::collections::HashSet;
 use std::ops::Range;
 use std::time::Duration;
 
-use super::model::{self, File};
+use super::model::{self, File, HumanDuration};
 use super::{Ca, Compression, Config, Cors, CorsOrigins, Problem, Proxy, Route, Server, Sse, Tls};
+use toml::Spanned;
 
 /// The shortest poll interval accepted: anything faster is a load test, not a proxy.
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
@@ -50,6 +51,19 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             "must be at least 1".into(),
         );
     }
+
+    let header_timeout = at_least(
+        &file.server.header_timeout,
+        "server.header_timeout",
+        Duration::from_millis(100),
+        &mut push,
+    );
+    let idle_timeout = at_least(
+        &file.server.idle_timeout,
+        "server.idle_timeout",
+        Duration::from_millis(100),
+        &mut push,
+    );
 
     let mut seen = HashSet::new();
     let mut routes = Vec::new();
@@ -219,6 +233,9 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             max_new_streams_per_sec: file.server.max_new_streams_per_sec,
             max_streams_per_ip: file.server.max_streams_per_ip,
             max_streams_per_credential: file.server.max_streams_per_credential,
+            max_connections_per_ip: file.server.max_connections_per_ip,
+            header_timeout,
+            idle_timeout,
         },
         sse: Sse {
             heartbeat,
@@ -465,4 +482,22 @@ fn validate_ca(
         path: path.clone(),
         certs: certs.into_iter().map(|c| c.to_vec()).collect(),
     })
+}
+
+/// A duration that must be at least `min`: reported at its line if not.
+fn at_least(
+    value: &Spanned<HumanDuration>,
+    key: &str,
+    min: Duration,
+    push: &mut impl FnMut(Range<usize>, &str, String),
+) -> Duration {
+    let d = value.get_ref().0;
+    if d < min {
+        push(
+            value.span(),
+            key,
+            format!("must be at least {min:?}, got {d:?}"),
+        );
+    }
+    d
 }

@@ -180,6 +180,9 @@ mod tests {
             max_new_streams_per_sec: rate,
             max_streams_per_ip: per_ip,
             max_streams_per_credential: 2,
+            max_connections_per_ip: 0,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 

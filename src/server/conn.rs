@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -18,6 +19,7 @@ use tracing::{debug, Instrument};
 use super::tls::{self, Acceptor};
 use http::{header, HeaderValue, Response, StatusCode};
 
+use super::idle::{Activity, BusyBody};
 use super::observe::Tracked;
 use super::{fast, json_error, router, ConnInfo, Service};
 
@@ -38,6 +40,8 @@ pub(super) struct Conn {
     pub kill: CancellationToken,
     /// Held until the connection closes.
     pub permit: Permit,
+    /// Its place in the per-address count, held until it closes.
+    pub address: super::AddressSlot,
 }
 
 /// A connection's place in the connection budget.
@@ -61,7 +65,11 @@ impl Conn {
             shutdown,
             kill,
             permit,
+            address,
         } = self;
+        // The clock of `header_timeout` starts at accept (after the TLS handshake, which has its
+        // own).
+        let activity = Activity::new();
         let reject = matches!(permit, Permit::Reject(_));
         app.metrics.count_if(reject, "max-connections");
         match tls {
@@ -77,12 +85,12 @@ impl Conn {
                 let stream = if reject {
                     stream
                 } else {
-                    match fast::try_serve(stream, &app, &info).await {
+                    match fast::try_serve(stream, &app, &info, &activity).await {
                         fast::Outcome::Served => return,
                         // The stream gets its own small task and this one ends: its states
                         // (the hyper path, the request) would size the stream's memory.
                         fast::Outcome::Stream(s) => {
-                            let s = s.holding((watcher, permit));
+                            let s = s.holding((watcher, permit, address));
                             tokio::spawn(s.instrument(tracing::Span::current()));
                             return;
                         }
@@ -98,6 +106,7 @@ impl Conn {
                     &builder,
                     watcher,
                     reject,
+                    activity,
                 ))
                 .await;
             }
@@ -110,7 +119,7 @@ impl Conn {
                 .await;
             }
         }
-        drop(permit);
+        drop((permit, address));
     }
 }
 
@@ -163,12 +172,14 @@ async fn serve_tls(
         builder,
         watcher,
         reject,
+        Activity::new(),
     )
     .await;
 }
 
 /// Serve HTTP on an established (plain or TLS) byte stream. The auto builder tells HTTP/2 from
 /// HTTP/1.1 by the connection preface, so h2 over TLS (ALPN) and h2c prior knowledge both work.
+#[allow(clippy::too_many_arguments)]
 async fn serve_http<I>(
     io: TokioIo<I>,
     info: ConnInfo,
@@ -176,13 +187,19 @@ async fn serve_http<I>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
     reject: bool,
+    activity: Arc<Activity>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let kill = info.kill.clone();
+    let limits = app.connections.clone();
+    let metrics = app.metrics.clone();
+    let busy = activity.clone();
     let service = service_fn(move |req| {
         let app = app.clone();
         let info = info.clone();
+        // Busy from the request's head to its response's last byte.
+        let busy = busy.begin();
         async move {
             let resp = if reject {
                 over_capacity()
@@ -192,6 +209,7 @@ async fn serve_http<I>(
                 // boxed, that box is a pointer and the big future lives only while it runs.
                 Box::pin(router::handle(app, req, info)).await
             };
+            let resp = resp.map(|body| BusyBody::new(body, busy).boxed_unsync());
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
@@ -204,6 +222,10 @@ async fn serve_http<I>(
             }
         }
         _ = kill.cancelled() => debug!("connection closed by herald"),
+        why = activity.expired(limits.header_timeout, limits.idle_timeout) => {
+            debug!(reason = why.reason(), "closing a connection that does nothing");
+            metrics.reject(why.reason());
+        }
     }
 }
 

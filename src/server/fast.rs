@@ -11,7 +11,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, Version};
@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
+use super::idle::{Activity, Idle};
 use super::{router, ConnInfo, ResponseBody, Service};
 use crate::telemetry::Protocol;
 
@@ -28,8 +29,6 @@ use crate::telemetry::Protocol;
 const MAX_HEAD: usize = 4096;
 /// Headers parsed on this path; a request with more goes to hyper.
 const MAX_HEADERS: usize = 48;
-/// A connection that sends nothing for this long is closed (hyper's header timeout is the same).
-const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Frames written in one poll before the stream yields to the other tasks on its thread (a long
 /// replay into a socket with room would otherwise hold the thread).
@@ -48,25 +47,43 @@ pub(super) enum Outcome {
 }
 
 /// Serve `stream` here if its first request is a stream herald answers itself.
-pub(super) async fn try_serve(stream: TcpStream, app: &Service, info: &ConnInfo) -> Outcome {
+/// A connection that sends nothing within `[server] header_timeout` of being accepted is closed
+/// here; one that sent part of a head is left to hyper under the same deadline (`idle.rs`).
+pub(super) async fn try_serve(
+    stream: TcpStream,
+    app: &Service,
+    info: &ConnInfo,
+    activity: &Activity,
+) -> Outcome {
+    let limit = app.connections.header_timeout;
+    let due = activity.first_request_due(limit);
+    let silent = |app: &Service| {
+        debug!(timeout = ?limit, "no request in time; closing");
+        app.metrics.reject(Idle::NoRequest.reason());
+        Outcome::Served
+    };
+    // Readiness first, so a silent connection holds no buffer; but tokio may report a new socket
+    // readable before any byte came, so the peek below is under the same deadline.
     let first = tokio::select! {
-        r = tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.readable()) => r,
+        r = tokio::time::timeout_at(due, stream.readable()) => r,
         _ = info.kill.cancelled() => return Outcome::Served,
     };
     match first {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Outcome::Served,
-        Err(_) => {
-            debug!("no request within {FIRST_BYTE_TIMEOUT:?}; closing");
-            return Outcome::Served;
-        }
+        Err(_) => return silent(app),
     }
     // On the heap and freed before the stream starts: a buffer in the future itself would be
     // held by every connection for its whole life.
     let mut buf = vec![0u8; MAX_HEAD];
-    let n = match stream.peek(&mut buf).await {
-        Ok(0) | Err(_) => return Outcome::Served,
-        Ok(n) => n,
+    let peeked = tokio::select! {
+        r = tokio::time::timeout_at(due, stream.peek(&mut buf)) => r,
+        _ = info.kill.cancelled() => return Outcome::Served,
+    };
+    let n = match peeked {
+        Ok(Ok(0)) | Ok(Err(_)) => return Outcome::Served,
+        Ok(Ok(n)) => n,
+        Err(_) => return silent(app),
     };
     // The request lives only in this block: held across the stream, its header map would stay
     // allocated for as long as the stream (~640 B each, heaptrack). The router's future is boxed

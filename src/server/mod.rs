@@ -7,6 +7,7 @@ pub mod compress;
 mod conn;
 pub mod cors;
 mod fast;
+mod idle;
 pub mod mux;
 mod observe;
 mod open;
@@ -14,7 +15,9 @@ pub mod proxy;
 pub mod router;
 pub mod tls;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -86,16 +89,25 @@ impl Streams {
 #[derive(Debug, Clone)]
 pub struct Connections {
     pub max_connections: usize,
+    /// Open connections from one client address at most (0: no limit).
+    pub max_connections_per_ip: u32,
     pub drain_timeout: Duration,
     pub max_header_bytes: usize,
+    /// A connection must deliver its first complete request head within this of being accepted.
+    pub header_timeout: Duration,
+    /// A connection with nothing in progress for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl From<&config::Server> for Connections {
     fn from(s: &config::Server) -> Connections {
         Connections {
             max_connections: s.max_connections,
+            max_connections_per_ip: s.max_connections_per_ip,
             drain_timeout: s.drain_timeout,
             max_header_bytes: s.max_header_bytes,
+            header_timeout: s.header_timeout,
+            idle_timeout: s.idle_timeout,
         }
     }
 }
@@ -109,7 +121,8 @@ fn builder(config: &Connections) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        // Between keep-alive requests too; the first request's deadline is `idle.rs`'s.
+        .header_read_timeout(config.idle_timeout)
         .max_buf_size(config.max_header_bytes.max(8192))
         .keep_alive(true);
     b.http2()
@@ -167,6 +180,7 @@ pub async fn serve(listeners: Vec<Listener>, app: Arc<Service>, shutdown: Cancel
     let limits = Limits {
         connections: Arc::new(Semaphore::new(app.connections.max_connections)),
         rejections: Arc::new(Semaphore::new(MAX_REJECTING)),
+        addresses: Arc::default(),
         force_close: CancellationToken::new(),
     };
     let loops = listeners
@@ -195,8 +209,51 @@ const MAX_REJECTING: usize = 1024;
 struct Limits {
     connections: Arc<Semaphore>,
     rejections: Arc<Semaphore>,
+    /// Open connections by client address (`max_connections_per_ip`).
+    addresses: Addresses,
     /// Parent of every connection's kill token: cancelled when the drain deadline passes.
     force_close: CancellationToken,
+}
+
+/// Open connections by client address.
+type Addresses = Arc<Mutex<HashMap<IpAddr, u32>>>;
+
+/// A connection's place in its address's count, given back when it closes.
+pub(crate) struct AddressSlot {
+    addresses: Option<(Addresses, IpAddr)>,
+}
+
+impl AddressSlot {
+    /// Take a place for `ip` unless it already has `max` connections (0: no limit).
+    fn take(addresses: &Addresses, ip: IpAddr, max: u32) -> Option<AddressSlot> {
+        if max == 0 {
+            return Some(AddressSlot { addresses: None });
+        }
+        let mut map = addresses.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            addresses: Some((addresses.clone(), ip)),
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let Some((addresses, ip)) = &self.addresses else {
+            return;
+        };
+        let mut map = addresses.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(ip);
+            }
+        }
+    }
 }
 
 /// Accept until `shutdown`; each connection (TLS handshake included) runs in its own task. Over
@@ -224,6 +281,14 @@ async fn accept_loop(
                 }
             },
         };
+        // One address cannot take every connection: past its share, closed at once (nothing is
+        // read from it, so nothing can be done with it).
+        let max_per_ip = app.connections.max_connections_per_ip;
+        let Some(address) = AddressSlot::take(&limits.addresses, peer.ip(), max_per_ip) else {
+            debug!(%peer, "over max_connections_per_ip: closing");
+            app.metrics.reject("max-connections-per-ip");
+            continue;
+        };
         let permit = match limits.connections.clone().try_acquire_owned() {
             Ok(p) => conn::Permit::Serve(p),
             Err(_) => match limits.rejections.clone().try_acquire_owned() {
@@ -249,6 +314,7 @@ async fn accept_loop(
             shutdown: shutdown.clone(),
             kill: limits.force_close.child_token(),
             permit,
+            address,
         };
         tokio::spawn(conn.run().instrument(span));
     }
