@@ -112,7 +112,7 @@ impl Herald {
         let broker: Arc<dyn hub::Broker> = Arc::new(hub::MemoryBroker::default());
         let source: Arc<dyn source::Source> = Arc::new(source::Poller::new(origin.clone()));
         let hub = hub::Hub::new(
-            hub::HubSettings::from(&config.sse),
+            hub::HubSettings::new(&config.sse, &config.server),
             broker,
             source,
             metrics.clone(),

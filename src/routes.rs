@@ -483,6 +483,7 @@ mod tests {
                 min_interval: Duration::ZERO,
                 unknown_query: config::UnknownQuery::Drop,
                 max_topics: 10,
+                refuse: Default::default(),
                 auth: Default::default(),
             })
             .collect();

@@ -179,3 +179,280 @@ async fn a_stream_is_never_idle() {
     h.stop().await;
     up.stop().await;
 }
+
+// ---- topics and credentials ------------------------------------------------------------------
+
+const ME: &str = "/api/me";
+
+fn per_user(extra: &str) -> String {
+    format!("[[route]]\npath = \"{ME}\"\ninterval = \"50ms\"\n{extra}\n")
+}
+
+async fn stream(h: &TestHerald, path: &str, headers: &[(&str, &str)]) -> SseClient {
+    SseClient::connect_with(&reqwest::Client::new(), &h.url(path), None, headers).await
+}
+
+#[tokio::test]
+async fn junk_cookies_make_no_topics_and_no_polls() {
+    let up = TestUpstream::start().await;
+    up.set_json(ME, json!({"me": "anonymous"}));
+    let h = start_herald(config(&up.url(), &per_user(""))).await;
+    let mut clients = Vec::new();
+    for n in 0..40 {
+        let cookie = format!("junk={n}; _ga=GA1.{n}");
+        let mut c = stream(&h, ME, &[("cookie", &cookie)]).await;
+        assert_eq!(c.status, 200);
+        c.expect_event("snapshot", T).await;
+        clients.push(c);
+    }
+    // Cookies that name no session are not credentials: one topic, polled without them.
+    assert_eq!(h.hub.topic_count(), 1);
+    assert!(up.seen().iter().all(|s| s.headers.get("cookie").is_none()));
+    drop(clients);
+    h.stop().await;
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn one_client_holds_a_bounded_share_of_topics() {
+    let up = TestUpstream::start().await;
+    up.set_json(ME, json!({"me": "someone"}));
+    let h = start_herald(config(
+        &up.url(),
+        &format!(
+            "[server]\nmax_topics_per_ip = 5\nmax_streams_per_credential = 0\n{}",
+            per_user("")
+        ),
+    ))
+    .await;
+    let mut held = Vec::new();
+    for n in 0..5 {
+        let cookie = format!("session=junk{n}");
+        let mut c = stream(&h, ME, &[("cookie", &cookie)]).await;
+        assert_eq!(c.status, 200, "topic {n}");
+        c.expect_event("snapshot", T).await;
+        held.push(c);
+    }
+    // The sixth made-up session from the same address: refused before any upstream request.
+    let polls = up.seen().len();
+    let c = stream(&h, ME, &[("cookie", "session=junk6")]).await;
+    assert_eq!(c.status, 429);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(
+        up.seen()
+            .iter()
+            .skip(polls)
+            .all(|s| common::credential_of(&s.headers) != "session=junk6"),
+        "no poll for the refused topic"
+    );
+    // Joining a topic that exists costs nothing: allowed.
+    let mut again = stream(&h, ME, &[("cookie", "session=junk0")]).await;
+    assert_eq!(again.status, 200);
+    again.expect_event("snapshot", T).await;
+    // Topics given back when their watchers leave and they close: room again.
+    drop(held);
+    drop(again);
+    let room = eventually(Duration::from_secs(10), || h.hub.topic_count() == 0).await;
+    assert!(room, "topics closed");
+    let c = stream(&h, ME, &[("cookie", "session=fresh")]).await;
+    assert_eq!(c.status, 200);
+    drop(c);
+    h.stop().await;
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn junk_cookies_do_not_multiply_a_credential() {
+    let up = TestUpstream::start().await;
+    up.set_json(ME, json!({"me": "alice"}));
+    let h = start_herald(config(
+        &up.url(),
+        &format!(
+            "[server]\nmax_streams_per_credential = 3\n{}",
+            per_user("access_token = \"access_token\"")
+        ),
+    ))
+    .await;
+    let mut held = Vec::new();
+    for n in 0..3 {
+        let cookie = format!("j={n}");
+        let mut c = stream(
+            &h,
+            ME,
+            &[("authorization", "Bearer alice"), ("cookie", &cookie)],
+        )
+        .await;
+        assert_eq!(c.status, 200);
+        c.expect_event("snapshot", T).await;
+        held.push(c);
+    }
+    let c = stream(
+        &h,
+        ME,
+        &[("authorization", "Bearer alice"), ("cookie", "j=99")],
+    )
+    .await;
+    assert_eq!(c.status, 429, "the same bearer token, whatever the cookies");
+    // A multiplexed stream with the token in its query counts as the same credential.
+    let url = format!("/_herald/stream?watch={ME}&access_token=alice");
+    let c = stream(&h, &url, &[]).await;
+    assert_eq!(c.status, 429, "multiplexed streams count too");
+    drop(held);
+    h.stop().await;
+    up.stop().await;
+}
+
+/// A per-user upstream: `session=good` is served, anything else as `answer` says.
+async fn revoked_behind(answer: Reply, extra: &str) {
+    let up = TestUpstream::start().await;
+    up.set_for(
+        ME,
+        "session=good",
+        Reply::json(json!({"me": "good", "secret": 42})),
+    );
+    let h = start_herald(config(&up.url(), &per_user(extra))).await;
+    let mut c = stream(&h, ME, &[("cookie", "session=good")]).await;
+    let snap = c.expect_event("snapshot", T).await;
+    assert_eq!(snap.json()["data"]["secret"], 42);
+    // The session is revoked: the upstream now answers `answer` for it.
+    up.set_for(ME, "session=good", answer.clone());
+    let ev = c.expect_event("the end of access", T).await;
+    assert_eq!(ev.event, "error", "{ev:?}");
+    assert_eq!(ev.json()["data"]["error"], "unauthorized");
+    // A new stream with the revoked session is never shown the cached state.
+    let mut again = stream(&h, ME, &[("cookie", "session=good")]).await;
+    if again.status == 200 {
+        let ev = again.expect_event("refusal", T).await;
+        assert_ne!(ev.event, "snapshot", "cached state served: {ev:?}");
+    }
+    drop((c, again));
+    h.stop().await;
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_session_behind_a_redirect_ends_and_keeps_nothing() {
+    revoked_behind(Reply::status(302, "").header("location", "/login"), "").await;
+}
+
+#[tokio::test]
+async fn a_revoked_session_behind_a_login_page_ends_and_keeps_nothing() {
+    revoked_behind(
+        Reply::raw(Some("text/html; charset=utf-8"), b"<form action=/login>"),
+        "",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_revoked_session_behind_a_404_ends_when_configured() {
+    revoked_behind(
+        Reply::status(404, "{\"error\":\"not found\"}"),
+        "refuse = [401, 403, \"3xx\", 404]",
+    )
+    .await;
+}
+
+// ---- JWT topics -------------------------------------------------------------------------------
+
+const JWT_SECRET: &str = "a-test-secret-of-32-bytes-length";
+
+fn hs256(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn exp() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600
+}
+
+async fn jwt_herald(up: &TestUpstream, extra: &str) -> (TestHerald, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("jwt.key");
+    std::fs::write(&key, JWT_SECRET).unwrap();
+    let jwt = format!(
+        "jwt = {{ alg = \"HS256\", key = \"{}\"{extra} }}",
+        key.display()
+    );
+    (start_herald(config(&up.url(), &per_user(&jwt))).await, dir)
+}
+
+#[tokio::test]
+async fn a_token_the_upstream_refuses_never_sees_another_tokens_data() {
+    let up = TestUpstream::start().await;
+    let wide = hs256(json!({"sub": "dave", "exp": exp(), "scope": "read:all"}));
+    let narrow = hs256(json!({"sub": "dave", "exp": exp(), "scope": "none"}));
+    up.set_for(
+        ME,
+        &format!("Bearer {wide}"),
+        Reply::json(json!({"all": "secrets"})),
+    );
+    up.set_for(ME, &format!("Bearer {narrow}"), Reply::status(401, "{}"));
+    let (h, _dir) = jwt_herald(&up, "").await;
+    let mut a = stream(&h, ME, &[("authorization", &format!("Bearer {wide}"))]).await;
+    assert_eq!(
+        a.expect_event("snapshot", T).await.json()["data"]["all"],
+        "secrets"
+    );
+    // Same `sub`, a scope the upstream rejects: its own topic, polled with its own token.
+    let mut b = stream(&h, ME, &[("authorization", &format!("Bearer {narrow}"))]).await;
+    if b.status == 200 {
+        let ev = b.expect_event("refusal", T).await;
+        assert_eq!(ev.event, "error", "the narrow token got {ev:?}");
+    } else {
+        assert_eq!(b.status, 401);
+    }
+    assert!(
+        up.hits_by(ME, &format!("Bearer {narrow}")) >= 1,
+        "polled with its own token"
+    );
+    drop((a, b));
+    h.stop().await;
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn claim_keyed_topics_tell_a_number_from_a_string() {
+    let up = TestUpstream::start().await;
+    up.set_json(ME, json!({"ok": true}));
+    let (h, _dir) = jwt_herald(&up, ", topic_claims = [\"sub\"]").await;
+    let numeric = hs256(json!({"sub": 42, "exp": exp()}));
+    let string = hs256(json!({"sub": "42", "exp": exp()}));
+    let again = hs256(json!({"sub": 42, "exp": exp() + 1}));
+    let mut held = Vec::new();
+    for t in [&numeric, &string, &again] {
+        let mut c = stream(&h, ME, &[("authorization", &format!("Bearer {t}"))]).await;
+        c.expect_event("snapshot", T).await;
+        held.push(c);
+    }
+    // 42 and "42" are two users; two tokens of sub 42 share one topic.
+    assert_eq!(h.hub.topic_count(), 2);
+    drop(held);
+    h.stop().await;
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn a_configured_audience_is_required() {
+    let up = TestUpstream::start().await;
+    up.set_json(ME, json!({"ok": true}));
+    let (h, _dir) = jwt_herald(&up, ", audience = [\"herald\"]").await;
+    let none = hs256(json!({"sub": "a", "exp": exp()}));
+    let right = hs256(json!({"sub": "a", "exp": exp(), "aud": "herald"}));
+    let c = stream(&h, ME, &[("authorization", &format!("Bearer {none}"))]).await;
+    assert_eq!(c.status, 401, "a token without aud");
+    let mut c = stream(&h, ME, &[("authorization", &format!("Bearer {right}"))]).await;
+    assert_eq!(c.status, 200);
+    c.expect_event("snapshot", T).await;
+    drop(c);
+    h.stop().await;
+    up.stop().await;
+}

@@ -7,7 +7,7 @@ use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue};
 use ring::hmac;
 
-use crate::config::auth::VarySource;
+use crate::config::auth::{is_session_cookie, VarySource};
 use crate::routes::percent_decode;
 
 /// Longest credential value herald forwards (a header value; cookies and JWTs fit well within).
@@ -135,6 +135,13 @@ pub(crate) fn extract(
             VarySource::Cookies => {
                 cookies.extend(cookie_pairs(headers).map(|(n, v)| format!("{n}={v}")));
             }
+            VarySource::SessionCookies => {
+                cookies.extend(
+                    cookie_pairs(headers)
+                        .filter(|(n, _)| is_session_cookie(n))
+                        .map(|(n, v)| format!("{n}={v}")),
+                );
+            }
             VarySource::Cookie(name) => {
                 if let Some(v) = cookie(headers, name) {
                     cookies.push(format!("{name}={v}"));
@@ -211,7 +218,10 @@ mod tests {
         assert_eq!(only_session.len(), 1);
         assert_eq!(only_session["cookie"], "session=abc");
         let all = extract(&crate::config::auth::default_vary(), &h, None);
-        assert_eq!(all["cookie"], "theme=dark; session=abc; tracking=1");
+        // By default only the cookies named like sessions are credentials.
+        assert_eq!(all["cookie"], "session=abc");
+        let every = extract(&[VarySource::Cookies], &h, None);
+        assert_eq!(every["cookie"], "theme=dark; session=abc; tracking=1");
         assert_eq!(all["authorization"], "Bearer t0k");
         assert!(all["authorization"].is_sensitive());
         let key = extract(
@@ -222,6 +232,32 @@ mod tests {
             None,
         );
         assert_eq!(key["x-api-key"], "k1");
+    }
+
+    #[test]
+    fn session_cookie_names() {
+        for name in [
+            "session",
+            "SESSION",
+            "sid",
+            "PHPSESSID",
+            "JSESSIONID",
+            "connect.sid",
+            "ASP.NET_SessionId",
+            "laravel_session",
+            "__Host-session",
+            "__Secure-auth",
+            "access_token",
+            "jwt",
+            "remember_web_59ba",
+        ] {
+            assert!(is_session_cookie(name), "{name}");
+        }
+        for name in [
+            "_ga", "_gid", "theme", "junk", "lang", "consent", "tracking",
+        ] {
+            assert!(!is_session_cookie(name), "{name}");
+        }
     }
 
     #[test]

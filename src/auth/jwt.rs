@@ -8,11 +8,14 @@ use jsonwebtoken::{Algorithm, Validation};
 
 use crate::config::auth::{Jwt, JwtAlg};
 
-/// A verified token: who it is for and when it stops being valid.
+/// A verified token: who it is for, what its topic is keyed by, and when it stops being valid.
 #[derive(Debug, Clone)]
 pub(crate) struct Verified {
     /// The configured claim's value, as a string (numbers are written as JSON).
     pub subject: String,
+    /// What the topic varies by: the configured claims, each type-tagged (`42` and `"42"`
+    /// differ), or empty when every token is its own topic.
+    pub topic_key: Vec<u8>,
     /// `exp` plus leeway: the stream ends then.
     pub valid_until: SystemTime,
 }
@@ -43,15 +46,20 @@ pub(crate) fn verify(cfg: &Jwt, token: &str) -> Result<Verified, Invalid> {
     // `1700000000.5` fails that read and is then skipped: a fractional `nbf` would be ignored.
     v.validate_exp = false;
     v.validate_nbf = false;
-    v.set_required_spec_claims::<&str>(&[]);
+    // An audience or issuer that is configured is required: jsonwebtoken only checks them
+    // when the token carries them, so a token without `aud` would otherwise pass.
+    let mut required: Vec<&str> = Vec::new();
     if !cfg.audience.is_empty() {
         v.set_audience(&cfg.audience);
+        required.push("aud");
     } else {
         v.validate_aud = false;
     }
     if !cfg.issuer.is_empty() {
         v.set_issuer(&cfg.issuer);
+        required.push("iss");
     }
+    v.set_required_spec_claims(&required);
     let header = jsonwebtoken::decode_header(token).map_err(|_| Invalid::Other("malformed"))?;
     if header.alg != alg {
         return Err(Invalid::Other("wrong algorithm"));
@@ -122,10 +130,36 @@ fn claims(
         // Refused rather than ignored: a check we cannot read must not pass.
         Some(_) => return Err(Invalid::Other("malformed")),
     }
+    let mut topic_key = Vec::new();
+    for name in cfg.topic_claims.iter().flatten() {
+        tagged(&mut topic_key, name, claims.get(name));
+    }
     Ok(Verified {
         subject,
+        topic_key,
         valid_until,
     })
+}
+
+/// Append `name` and its value to `out`, length-prefixed and tagged with its JSON type, so no two
+/// different claim sets (a number and a string with the same text, an absent claim and `null`)
+/// share an encoding.
+fn tagged(out: &mut Vec<u8>, name: &str, value: Option<&serde_json::Value>) {
+    use serde_json::Value;
+    let (tag, text) = match value {
+        None => (b'-', String::new()),
+        Some(Value::Null) => (b'z', String::new()),
+        Some(Value::Bool(b)) => (b'b', b.to_string()),
+        Some(Value::Number(n)) => (b'n', n.to_string()),
+        Some(Value::String(s)) => (b's', s.clone()),
+        Some(v @ Value::Array(_)) => (b'a', v.to_string()),
+        Some(v @ Value::Object(_)) => (b'o', v.to_string()),
+    };
+    for part in [name.as_bytes(), text.as_bytes()] {
+        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out.push(tag);
 }
 
 /// The latest time a NumericDate is taken to mean, 9999-12-31T23:59:59Z: later ones (a 30-digit
@@ -166,6 +200,7 @@ mod tests {
             alg: JwtAlg::HS256,
             keys: Arc::new(vec![(None, DecodingKey::from_secret(SECRET))]),
             claim: "sub".into(),
+            topic_claims: None,
             cookie: None,
             leeway: Duration::ZERO,
             audience: vec![],

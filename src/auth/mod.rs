@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::config::auth::{default_vary, AccessCheck, RouteAuth, Sharing, UrlPart};
+use crate::config::auth::{default_vary, AccessCheck, RouteAuth, Sharing, UrlPart, VarySource};
 use crate::config::Segment;
 use crate::hub::{StopReason, WatchSlot};
 use crate::routes::{Route, TopicKey};
@@ -141,8 +141,16 @@ impl Auth {
         self.principal_with(headers, None)
     }
 
+    /// Who the client is, for per-credential limits: its `Authorization` (or bearer token) when
+    /// it has one, else its session cookies. Other cookies are left out, so adding junk to a
+    /// request does not make a new "credential".
     fn principal_with(&self, headers: &HeaderMap, bearer: Option<&str>) -> u64 {
-        let creds = credentials::extract(&default_vary(), headers, bearer);
+        let sources = if credentials::authorization(headers, bearer).is_some() {
+            [VarySource::Authorization]
+        } else {
+            [VarySource::SessionCookies]
+        };
+        let creds = credentials::extract(&sources, headers, bearer);
         if creds.is_empty() {
             0
         } else {
@@ -166,7 +174,7 @@ impl Auth {
         let bearer = bearer.as_deref();
 
         // What identifies the client (`vary`), what its polls carry, what its check carries.
-        let (vary, poll_headers, check_headers, valid_until) = match &ra.jwt {
+        let (vary, poll_headers, check_headers, valid_until, user) = match &ra.jwt {
             Some(cfg) => {
                 let token = match &cfg.cookie {
                     Some(name) => credentials::cookie(headers, name).map(str::to_string),
@@ -180,21 +188,28 @@ impl Auth {
                     Denied::Unauthorized(e.to_string())
                 })?;
                 let carrier = carrier(cfg.cookie.as_deref(), &token);
-                let vary = match ra.sharing {
-                    Sharing::All => 0,
-                    Sharing::Vary(_) => inner.key.hash("jwt-claim", [verified.subject.as_bytes()]),
+                // Keyed by what the upstream decides on: the token itself, unless the route
+                // names the claims that make tokens equivalent.
+                let vary = match (&ra.sharing, &cfg.topic_claims) {
+                    (Sharing::All, _) => 0,
+                    (Sharing::Vary(_), None) => inner.key.hash("jwt-token", [token.as_bytes()]),
+                    (Sharing::Vary(_), Some(_)) => inner
+                        .key
+                        .hash("jwt-claims", [verified.topic_key.as_slice()]),
                 };
                 let poll = if vary == 0 {
                     HeaderMap::new()
                 } else {
                     carrier.clone()
                 };
-                (vary, poll, carrier, Some(verified.valid_until))
+                // The user, whatever token they present: what per-credential limits count.
+                let user = inner.key.hash("jwt-sub", [verified.subject.as_bytes()]);
+                (vary, poll, carrier, Some(verified.valid_until), Some(user))
             }
             None => match &ra.sharing {
                 Sharing::All => {
                     let creds = credentials::extract(&default_vary(), headers, bearer);
-                    (0, HeaderMap::new(), creds, None)
+                    (0, HeaderMap::new(), creds, None, None)
                 }
                 Sharing::Vary(sources) => {
                     let creds = credentials::extract(sources, headers, bearer);
@@ -205,12 +220,12 @@ impl Auth {
                     } else {
                         inner.key.hash_headers(&creds)
                     };
-                    (vary, creds.clone(), creds, None)
+                    (vary, creds.clone(), creds, None, None)
                 }
             },
         };
         key.vary = vary;
-        let principal = self.principal_with(headers, bearer);
+        let principal = user.unwrap_or_else(|| self.principal_with(headers, bearer));
 
         let recheck = match &ra.check {
             None => None,

@@ -61,9 +61,15 @@ pub struct JwtSection {
     pub key: Option<Spanned<PathBuf>>,
     /// A JWKS file (`{"keys":[…]}`); the token's `kid` picks the key.
     pub jwks: Option<Spanned<PathBuf>>,
-    /// The claim that identifies the user: the topic varies by it.
+    /// The claim that identifies the user (a refreshed token must name the same one).
     #[serde(default = "default_claim")]
     pub claim: String,
+    /// What makes two tokens share a topic (and its polls). Absent: the token itself, so every
+    /// token is polled with its own credentials, as the upstream decides on them. A list of
+    /// claims (`["sub", "scope"]`): tokens agreeing on every one of them share a topic, polled
+    /// with the newest of their tokens; list every claim the upstream's answer depends on.
+    #[serde(default)]
+    pub topic_claims: Option<Vec<String>>,
     /// Read the token from this cookie instead of `Authorization: Bearer`.
     pub cookie: Option<String>,
     /// Clock skew tolerated on `exp` and `nbf`.
@@ -108,9 +114,34 @@ impl Default for RouteAuth {
     }
 }
 
-/// The default credential sources: every cookie and the `Authorization` header.
+/// The default credential sources: the cookies named like sessions (`is_session_cookie`) and the
+/// `Authorization` header. Other cookies (analytics, preferences, junk a client makes up) are
+/// neither forwarded nor part of the topic key, so they cannot multiply topics.
 pub fn default_vary() -> Vec<VarySource> {
-    vec![VarySource::Cookies, VarySource::Authorization]
+    vec![VarySource::SessionCookies, VarySource::Authorization]
+}
+
+/// Whether a cookie's name looks like a session's: `session`, `sid`, `PHPSESSID`, `JSESSIONID`,
+/// `connect.sid`, `ASP.NET_SessionId`, `laravel_session`, `auth`, `token`, `jwt`, `remember_*`
+/// and the like (after a `__Host-`/`__Secure-` prefix, any case). A session cookie named
+/// otherwise must be listed in the route's `vary` (`"cookie:NAME"`).
+pub fn is_session_cookie(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let n = lower
+        .strip_prefix("__host-")
+        .or_else(|| lower.strip_prefix("__secure-"))
+        .unwrap_or(&lower);
+    const WORDS: [&str; 8] = [
+        "sess",
+        "auth",
+        "token",
+        "jwt",
+        "login",
+        "credential",
+        "remember",
+        "identity",
+    ];
+    WORDS.iter().any(|w| n.contains(w)) || n.ends_with("sid") || n.starts_with("sid")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,8 +154,10 @@ pub enum Sharing {
 /// One part of a client's credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VarySource {
-    /// `cookie`: the whole `Cookie` header.
+    /// `cookie`: every cookie.
     Cookies,
+    /// `session-cookies`: the cookies named like sessions (`is_session_cookie`); the default.
+    SessionCookies,
     /// `cookie:NAME`: one cookie.
     Cookie(String),
     /// `authorization` (or the `access_token` query parameter, as a bearer token).
@@ -136,13 +169,14 @@ pub enum VarySource {
 impl std::str::FromStr for VarySource {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let expected = "expected \"cookie\", \"cookie:NAME\", \"authorization\" or \"header:NAME\"";
+        let expected = "expected \"cookie\", \"cookie:NAME\", \"session-cookies\", \"authorization\" or \"header:NAME\"";
         let (kind, name) = match s.split_once(':') {
             Some((k, n)) => (k.trim().to_ascii_lowercase(), Some(n.trim())),
             None => (s.trim().to_ascii_lowercase(), None),
         };
         match (kind.as_str(), name) {
             ("cookie", None) => Ok(VarySource::Cookies),
+            ("session-cookies", None) => Ok(VarySource::SessionCookies),
             ("cookie", Some(n)) if is_token(n) => Ok(VarySource::Cookie(n.to_string())),
             ("authorization", None) => Ok(VarySource::Authorization),
             ("header", Some(n)) => match HeaderName::from_bytes(n.as_bytes()) {
@@ -187,6 +221,8 @@ pub struct Jwt {
     /// `(kid, key)`; a single `key` file has no kid.
     pub keys: Arc<Vec<(Option<String>, jsonwebtoken::DecodingKey)>>,
     pub claim: String,
+    /// None: a topic per token; Some: per value of these claims (type-tagged).
+    pub topic_claims: Option<Vec<String>>,
     pub cookie: Option<String>,
     pub leeway: Duration,
     pub audience: Vec<String>,
@@ -203,6 +239,7 @@ impl fmt::Debug for Jwt {
             .field("alg", &self.alg)
             .field("keys", &self.keys.len())
             .field("claim", &self.claim)
+            .field("topic_claims", &self.topic_claims)
             .field("cookie", &self.cookie)
             .field("leeway", &self.leeway)
             .field("audience", &self.audience)
@@ -484,6 +521,10 @@ fn validate_jwt(
         keys: Arc::new(keys),
         key_fingerprint,
         claim: s.claim.trim().to_string(),
+        topic_claims: s
+            .topic_claims
+            .as_ref()
+            .map(|c| c.iter().map(|n| n.trim().to_string()).collect()),
         cookie: s.cookie.clone(),
         leeway: s.leeway.as_ref().map_or(Duration::ZERO, |l| l.0),
         audience: s.audience.clone(),

@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use model::{CorsPassThrough, DiffMode, PathTemplate, Segment, UnknownQuery};
+pub use model::{CorsPassThrough, DiffMode, PathTemplate, RefuseItem, Segment, UnknownQuery};
 
 /// A validated configuration. Everything in it has been checked; nothing here can fail later.
 #[derive(Debug, Clone)]
@@ -88,6 +88,8 @@ pub struct Server {
     pub max_streams_per_ip: u32,
     pub max_streams_per_credential: u32,
     pub max_connections_per_ip: u32,
+    pub max_topics_per_ip: usize,
+    pub max_topics_per_credential: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -167,8 +169,38 @@ pub struct Route {
     pub min_interval: Duration,
     pub unknown_query: UnknownQuery,
     pub max_topics: usize,
+    /// What counts as the upstream refusing a topic's credentials.
+    pub refuse: Refusal,
     /// Who shares its topics, which credentials follow the client, checks, JWT.
     pub auth: auth::RouteAuth,
+}
+
+/// The answers that mean "these credentials are refused" (a route's `refuse`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub statuses: Vec<u16>,
+    /// Status classes, as their hundreds (300 for `"3xx"`).
+    pub classes: Vec<u16>,
+    /// A 2xx HTML page (a login form served instead of the data).
+    pub html: bool,
+}
+
+impl Default for Refusal {
+    /// 401, 403, any redirect (to a login page), and a login page served as 200.
+    fn default() -> Self {
+        Refusal {
+            statuses: vec![401, 403],
+            classes: vec![300],
+            html: true,
+        }
+    }
+}
+
+impl Refusal {
+    /// Whether an upstream answer with `status` refuses the credentials.
+    pub fn status(&self, status: u16) -> bool {
+        self.statuses.contains(&status) || self.classes.contains(&(status / 100 * 100))
+    }
 }
 
 /// One thing wrong in the file, located by byte span (rendered as line and column).

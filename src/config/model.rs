@@ -126,6 +126,11 @@ pub struct ServerSection {
     /// Open connections from one client address; beyond it, new ones are closed at once.
     /// 0: no limit.
     pub max_connections_per_ip: u32,
+    /// Live topics (distinct resources and credentials) one client address may have opened;
+    /// beyond it, a stream that would open another gets 429. 0: no limit.
+    pub max_topics_per_ip: usize,
+    /// The same per credential (cookie session, `Authorization`, token user). 0: no limit.
+    pub max_topics_per_credential: usize,
     /// A connection must send its first complete request head within this of being accepted
     /// (after the TLS handshake), or it is closed.
     pub header_timeout: Spanned<HumanDuration>,
@@ -144,6 +149,8 @@ impl Default for ServerSection {
             max_streams_per_ip: 1_000,
             max_streams_per_credential: 100,
             max_connections_per_ip: 1_000,
+            max_topics_per_ip: 500,
+            max_topics_per_credential: 64,
             header_timeout: Spanned::new(0..0, HumanDuration(Duration::from_secs(10))),
             idle_timeout: Spanned::new(0..0, HumanDuration(Duration::from_secs(60))),
         }
@@ -321,6 +328,12 @@ pub struct RouteSection {
     /// more gets 429.
     #[serde(default = "default_max_topics")]
     pub max_topics: usize,
+    /// Upstream answers that mean "these credentials are refused" on a per-credential topic:
+    /// statuses (`401`), classes (`"3xx"`), and `"html"` (a 2xx HTML page: a login form). Such an
+    /// answer ends every watcher's stream and drops the topic's state. Default
+    /// `[401, 403, "3xx", "html"]`.
+    #[serde(default)]
+    pub refuse: Option<Spanned<Vec<Spanned<RefuseItem>>>>,
     /// Who shares a topic: `"credential"` (default: one topic per credential) or `"all"`.
     #[serde(default)]
     pub share: Option<Spanned<super::auth::Share>>,
@@ -339,6 +352,54 @@ pub struct RouteSection {
     /// Local JWT verification: `{ alg = "RS256", key = "pub.pem", claim = "sub" }`.
     #[serde(default)]
     pub jwt: Option<Spanned<super::auth::JwtSection>>,
+}
+
+/// One entry of a route's `refuse` list: a status, a status class, or `"html"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefuseItem {
+    Status(u16),
+    /// `"3xx"`: every status of that class.
+    Class(u16),
+    /// A 2xx answer whose `Content-Type` is HTML.
+    Html,
+}
+
+impl<'de> Deserialize<'de> for RefuseItem {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = RefuseItem;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a status (401), a class (\"3xx\") or \"html\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RefuseItem, E> {
+                match u16::try_from(v) {
+                    Ok(s @ 300..=599) => Ok(RefuseItem::Status(s)),
+                    _ => Err(E::custom(format!(
+                        "{v} is not a status that can refuse credentials (300 to 599)"
+                    ))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RefuseItem, E> {
+                let t = v.trim().to_ascii_lowercase();
+                match t.as_str() {
+                    "html" => Ok(RefuseItem::Html),
+                    "3xx" | "4xx" | "5xx" => Ok(RefuseItem::Class(
+                        u16::from(t.as_bytes()[0] - b'0') * 100,
+                    )),
+                    _ => t.parse::<i64>().map_or_else(
+                        |_| {
+                            Err(E::custom(format!(
+                                "unknown refusal {v:?}: expected a status (401), a class (\"3xx\") or \"html\""
+                            )))
+                        },
+                        |n| self.visit_i64(n),
+                    ),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn default_max_topics() -> usize {

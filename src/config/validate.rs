@@ -152,6 +152,21 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             min_interval: r.min_interval.map_or(Duration::ZERO, |d| d.0),
             unknown_query: r.unknown_query,
             max_topics: r.max_topics,
+            refuse: r.refuse.map_or_else(super::Refusal::default, |list| {
+                let mut refusal = super::Refusal {
+                    statuses: Vec::new(),
+                    classes: Vec::new(),
+                    html: false,
+                };
+                for item in list.into_inner() {
+                    match item.into_inner() {
+                        model::RefuseItem::Status(s) => refusal.statuses.push(s),
+                        model::RefuseItem::Class(c) => refusal.classes.push(c),
+                        model::RefuseItem::Html => refusal.html = true,
+                    }
+                }
+                refusal
+            }),
             auth,
         });
     }
@@ -234,6 +249,8 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             max_streams_per_ip: file.server.max_streams_per_ip,
             max_streams_per_credential: file.server.max_streams_per_credential,
             max_connections_per_ip: file.server.max_connections_per_ip,
+            max_topics_per_ip: file.server.max_topics_per_ip,
+            max_topics_per_credential: file.server.max_topics_per_credential,
             header_timeout,
             idle_timeout,
         },

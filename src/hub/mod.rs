@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::config;
 use crate::diff;
 use crate::routes::{Route, TopicId, TopicKey};
-use crate::source::{Source, Target};
+use crate::source::{Source, SourceError, Target};
 use crate::telemetry::{Metrics, RouteMetrics};
 
 pub use broker::{Broker, BrokerError, Lease, MemoryBroker, Replay};
@@ -50,6 +50,88 @@ pub enum SubscribeError {
     /// A reload removed or changed the route between resolving it and subscribing.
     #[error("the route was reconfigured; retry")]
     Retired,
+    /// This client (its address, or its credential) already holds its share of topics: more
+    /// would let one client multiply upstream polls and memory.
+    #[error("this client already streams {max} distinct resources; close some first")]
+    ClientBudget { max: usize },
+}
+
+/// Who asks for a new topic: the topics a client holds are limited per address and per
+/// credential (`[server] max_topics_per_ip`, `max_topics_per_credential`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Client {
+    pub ip: std::net::IpAddr,
+    /// The keyed hash of its credentials (0: none).
+    pub principal: u64,
+}
+
+/// Live topics by the client that opened them.
+#[derive(Debug, Default)]
+struct Budgets {
+    max_per_ip: usize,
+    max_per_principal: usize,
+    counts: Mutex<(HashMap<std::net::IpAddr, usize>, HashMap<u64, usize>)>,
+}
+
+/// A topic's place in its opener's budget, given back when the topic is dropped.
+struct BudgetSlot {
+    budgets: Arc<Budgets>,
+    client: Client,
+}
+
+impl Budgets {
+    fn take(self: &Arc<Self>, client: Client) -> Result<BudgetSlot, SubscribeError> {
+        let mut guard = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (by_ip, by_principal) = &mut *guard;
+        let ip = by_ip.get(&client.ip).copied().unwrap_or(0);
+        if self.max_per_ip > 0 && ip >= self.max_per_ip {
+            return Err(SubscribeError::ClientBudget {
+                max: self.max_per_ip,
+            });
+        }
+        let principal = by_principal.get(&client.principal).copied().unwrap_or(0);
+        if client.principal != 0
+            && self.max_per_principal > 0
+            && principal >= self.max_per_principal
+        {
+            return Err(SubscribeError::ClientBudget {
+                max: self.max_per_principal,
+            });
+        }
+        *by_ip.entry(client.ip).or_insert(0) += 1;
+        if client.principal != 0 {
+            *by_principal.entry(client.principal).or_insert(0) += 1;
+        }
+        Ok(BudgetSlot {
+            budgets: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for BudgetSlot {
+    fn drop(&mut self) {
+        let mut guard = self
+            .budgets
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (by_ip, by_principal) = &mut *guard;
+        let release = |n: Option<&mut usize>| match n {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if release(by_ip.get_mut(&self.client.ip)) {
+            by_ip.remove(&self.client.ip);
+        }
+        if self.client.principal != 0 && release(by_principal.get_mut(&self.client.principal)) {
+            by_principal.remove(&self.client.principal);
+        }
+    }
 }
 
 /// A topic's document as last published: the JSON text of an envelope's `data` (compact JSON, or
@@ -84,14 +166,22 @@ pub struct TopicSettings {
     /// Topics are per credential (not `share = "all"`): an upstream refusal ends every watcher's
     /// stream and drops the topic's state.
     pub per_credential: bool,
-    /// Upstream statuses that mean "these credentials are refused".
-    pub refuse: Vec<u16>,
+    /// Upstream answers that mean "these credentials are refused" (the route's `refuse`).
+    pub refuse: config::Refusal,
 }
 
 impl TopicSettings {
-    /// Whether an upstream answer with `status` refuses the topic's credentials.
-    pub fn refuses(&self, status: u16) -> bool {
-        self.refuse.contains(&status)
+    /// The status to report when `error` refuses a per-credential topic's credentials, if it
+    /// does: the upstream's own, or 401 for a login page served as 200.
+    pub fn refusal(&self, error: &SourceError) -> Option<u16> {
+        if !self.per_credential {
+            return None;
+        }
+        match error {
+            SourceError::Status(s) if self.refuse.status(*s) => Some(*s),
+            SourceError::Html if self.refuse.html => Some(401),
+            _ => None,
+        }
     }
 }
 
@@ -104,16 +194,22 @@ pub struct HubSettings {
     pub heartbeat: Duration,
     /// A watcher with events pending this long is a slow consumer.
     pub slow_timeout: Duration,
+    /// Live topics one client address may have opened (0: no limit).
+    pub max_topics_per_ip: usize,
+    /// Live topics one credential may have opened (0: no limit).
+    pub max_topics_per_credential: usize,
 }
 
-impl From<&config::Sse> for HubSettings {
-    fn from(sse: &config::Sse) -> HubSettings {
+impl HubSettings {
+    pub fn new(sse: &config::Sse, server: &config::Server) -> HubSettings {
         HubSettings {
             history: sse.history,
             history_bytes: sse.history_bytes,
             grace: sse.grace,
             heartbeat: sse.heartbeat,
             slow_timeout: sse.slow_timeout,
+            max_topics_per_ip: server.max_topics_per_ip,
+            max_topics_per_credential: server.max_topics_per_credential,
         }
     }
 }
@@ -129,6 +225,8 @@ pub struct Topic {
     cancel: CancellationToken,
     /// Asks the source for a fresh read now.
     poke: Arc<Notify>,
+    /// Counts against the budget of the client that opened it.
+    _budget: BudgetSlot,
 }
 
 impl Topic {
@@ -178,6 +276,7 @@ pub struct Hub {
 
 struct Inner {
     topics: Mutex<HashMap<TopicKey, Arc<Topic>>>,
+    budgets: Arc<Budgets>,
     broker: Arc<dyn Broker>,
     source: Arc<dyn Source>,
     metrics: Arc<Metrics>,
@@ -201,6 +300,11 @@ impl Hub {
         Hub {
             inner: Arc::new(Inner {
                 topics: Mutex::new(HashMap::new()),
+                budgets: Arc::new(Budgets {
+                    max_per_ip: settings.max_topics_per_ip,
+                    max_per_principal: settings.max_topics_per_credential,
+                    counts: Mutex::default(),
+                }),
                 broker,
                 source,
                 metrics,
@@ -217,13 +321,15 @@ impl Hub {
     }
 
     /// Join the topic for `key`, opening it (and starting its writer) if nobody watches it yet.
-    /// `credentials` are sent on every upstream request of a new topic.
+    /// `credentials` are sent on every upstream request of a new topic; a new topic counts
+    /// against `client`'s budget.
     pub fn subscribe(
         &self,
         route: &Arc<Route>,
         key: TopicKey,
         credentials: HeaderMap,
         slot: Arc<WatchSlot>,
+        client: Client,
     ) -> Result<Subscription, SubscribeError> {
         let mut topics = self.lock_topics();
         // Checked under the lock `retire_route` takes: a route retired just after this request
@@ -244,7 +350,8 @@ impl Hub {
         if topics.keys().filter(|k| k.route == key.route).count() >= max {
             return Err(SubscribeError::TooManyTopics { max });
         }
-        let topic = self.open(route, key.clone(), credentials);
+        let budget = self.inner.budgets.take(client)?;
+        let topic = self.open(route, key.clone(), credentials, budget);
         topic.channel.add_watcher(&slot);
         topics.insert(key, topic.clone());
         Ok(Subscription { topic, slot })
@@ -252,7 +359,13 @@ impl Hub {
 
     /// A new topic: its channel attached to the broker, its writer started once the broker lets
     /// this node lead it.
-    fn open(&self, route: &Arc<Route>, key: TopicKey, credentials: HeaderMap) -> Arc<Topic> {
+    fn open(
+        &self,
+        route: &Arc<Route>,
+        key: TopicKey,
+        credentials: HeaderMap,
+        budget: BudgetSlot,
+    ) -> Arc<Topic> {
         let inner = &self.inner;
         let settings = self.route_settings(route);
         let id = key.id();
@@ -265,6 +378,7 @@ impl Hub {
             cancel: inner.cancel.child_token(),
             poke: Arc::new(Notify::new()),
             key,
+            _budget: budget,
         });
         let target = Target {
             route: route.clone(),
@@ -419,7 +533,7 @@ impl Hub {
             min_interval: r.min_interval,
             metrics: self.inner.metrics.route(&route.template),
             per_credential: r.auth.sharing != config::auth::Sharing::All,
-            refuse: vec![401, 403],
+            refuse: r.refuse.clone(),
         })
     }
 

@@ -220,10 +220,7 @@ impl Writer {
     }
 
     async fn failed(&mut self, e: SourceError) -> Flow {
-        if let Some(status) = e
-            .status()
-            .filter(|s| self.settings.per_credential && self.settings.refuses(*s))
-        {
+        if let Some(status) = self.settings.refusal(&e) {
             // Every watcher of a per-credential topic presented the refused credentials.
             self.doc = None;
             self.publish(EventKind::Refused(status), None, b"null", None)
@@ -312,7 +309,7 @@ mod tests {
             min_interval,
             metrics: Arc::new(crate::telemetry::Metrics::new()).route("/t"),
             per_credential: false,
-            refuse: vec![401, 403],
+            refuse: Default::default(),
         })
     }
 

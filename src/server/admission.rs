@@ -181,6 +181,8 @@ mod tests {
             max_streams_per_ip: per_ip,
             max_streams_per_credential: 2,
             max_connections_per_ip: 0,
+            max_topics_per_ip: 0,
+            max_topics_per_credential: 0,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
         }

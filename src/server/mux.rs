@@ -111,7 +111,7 @@ pub async fn handle(
         (Endpoint::Stream, &Method::GET) => open(svc, &req, conn).await,
         (Endpoint::Control { token, action }, &Method::POST) => {
             let token = token.to_string();
-            control(svc, req, &token, action).await
+            control(svc, req, conn, &token, action).await
         }
         (Endpoint::Client | Endpoint::Stream, _) => method_not_allowed("GET"),
         (Endpoint::Control { .. }, _) => method_not_allowed("POST"),
@@ -246,6 +246,7 @@ async fn open(
 async fn control(
     svc: &Arc<Service>,
     req: Request<Incoming>,
+    conn: &ConnInfo,
     token: &str,
     action: Action,
 ) -> Response<ResponseBody> {
@@ -295,10 +296,12 @@ async fn control(
     let info = target.info.clone();
     let result = match action {
         Action::Watch if control.watches(&target.key.resource) => Ok(Change::Unchanged),
-        Action::Watch => match open::watch(svc, &headers, target, control.slot()).await {
-            Ok(sub) => control.watch(sub),
-            Err(refused) => return refused.response(),
-        },
+        Action::Watch => {
+            match open::watch(svc, &headers, target, control.slot(), conn.peer.ip()).await {
+                Ok(sub) => control.watch(sub),
+                Err(refused) => return refused.response(),
+            }
+        }
         Action::Unwatch => control.unwatch(&target.key.resource),
     };
     match result {

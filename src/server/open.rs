@@ -3,6 +3,7 @@
 //! phase can refuse with an HTTP answer; the response body is one statically typed stack
 //! (`Watched<Coded<SseStream<_>>>`) boxed once.
 
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,7 +21,7 @@ use super::admission::{Rejection, StreamPermit};
 use super::observe::{Start, StreamLog, Watched};
 use super::{compress, json_error, ConnInfo, ResponseBody, Service};
 use crate::auth::{Denied, Grant};
-use crate::hub::{Position, SubscribeError, Subscription, WatchSlot};
+use crate::hub::{Client, Position, SubscribeError, Subscription, WatchSlot};
 use crate::routes::{Route, TopicKey};
 use crate::sse::mux::{MuxEvents, MuxOptions, WatchInfo};
 use crate::sse::{Events, GzipStream, Lifecycle, SseStream, StreamClosed, TopicEvents};
@@ -124,16 +125,24 @@ fn subscribe(
     route: &Arc<Route>,
     grant: &Grant,
     slot: Arc<WatchSlot>,
+    ip: IpAddr,
 ) -> Result<Subscription, Refused> {
-    match svc
-        .hub
-        .subscribe(route, grant.key.clone(), grant.headers.clone(), slot)
-    {
+    let client = Client {
+        ip,
+        principal: grant.principal,
+    };
+    match svc.hub.subscribe(
+        route,
+        grant.key.clone(),
+        grant.headers.clone(),
+        slot,
+        client,
+    ) {
         Ok(sub) => {
             svc.auth.watch(grant, &sub.slot);
             Ok(sub)
         }
-        Err(e @ SubscribeError::TooManyTopics { .. }) => {
+        Err(e @ (SubscribeError::TooManyTopics { .. } | SubscribeError::ClientBudget { .. })) => {
             debug!(error = %e, "stream refused");
             svc.metrics.reject("too-many-topics");
             Err(Refused::new(
@@ -165,7 +174,7 @@ pub async fn single(
         Err(rejection) => return rejection.response(),
     };
     let slot = req.slot();
-    let sub = match subscribe(svc, &target.route, &grant, slot.clone()) {
+    let sub = match subscribe(svc, &target.route, &grant, slot.clone(), req.conn.peer.ip()) {
         Ok(s) => s,
         Err(refused) => return refused.response(),
     };
@@ -212,7 +221,7 @@ pub async fn mux(
     let slot = req.slot();
     let mut subs = Vec::with_capacity(grants.len());
     for (target, grant) in grants {
-        match subscribe(svc, &target.route, &grant, slot.clone()) {
+        match subscribe(svc, &target.route, &grant, slot.clone(), req.conn.peer.ip()) {
             Ok(sub) => subs.push((sub, target.info)),
             Err(refused) => return refused.response(),
         }
@@ -253,9 +262,10 @@ pub async fn watch(
     headers: &HeaderMap,
     target: Target,
     slot: Arc<WatchSlot>,
+    ip: IpAddr,
 ) -> Result<Subscription, Refused> {
     let grant = authorize(svc, &target, headers).await?;
-    subscribe(svc, &target.route, &grant, slot)
+    subscribe(svc, &target.route, &grant, slot, ip)
 }
 
 /// The per-client lifecycle settings: `retry:` with its jitter, so reconnects spread out.

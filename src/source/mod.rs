@@ -56,6 +56,9 @@ pub enum SourceError {
     TooLarge(usize),
     #[error("upstream body is not valid JSON")]
     InvalidJson,
+    /// A 2xx answer that is an HTML page: a login form served instead of the data, most often.
+    #[error("upstream answered with an HTML page")]
+    Html,
     #[error("upstream request failed")]
     Other,
 }
@@ -69,6 +72,7 @@ impl SourceError {
             SourceError::Status(_) => "status",
             SourceError::TooLarge(_) => "too-large",
             SourceError::InvalidJson => "invalid-json",
+            SourceError::Html => "html",
             SourceError::Other => "request-failed",
         }
     }
@@ -142,6 +146,14 @@ pub fn parse_body(bytes: &Bytes, content_type: Option<&str>) -> Result<Document,
     let is_json = ct
         .as_deref()
         .is_some_and(|c| c == "application/json" || c.ends_with("+json"));
+    // An HTML page is never a resource's state (a login form or an error page is): refused, so
+    // the route's `refuse` rules can end the streams of credentials that got one.
+    if ct
+        .as_deref()
+        .is_some_and(|c| c == "text/html" || c == "application/xhtml+xml")
+    {
+        return Err(SourceError::Html);
+    }
     if is_json || ct.is_none() {
         match serde_json::from_slice(bytes) {
             Ok(v) => return Ok(Document::Json(v)),
