@@ -69,6 +69,7 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let format = match cli.log_format {
         LogFormat::Pretty => herald::logging::Format::Text,
@@ -274,3 +275,25 @@ async fn demo(
     herald.serve_on(listeners, shutdown).await?;
     Ok(())
 }
+
+/// Allocations of 128 KiB and more (documents, their events, large bodies) go straight to the
+/// OS and back when freed. glibc's default raises that threshold after the first such free,
+/// after which large blocks come from the heap and stay in the process when their topics close:
+/// 40 topics of a 1 MB resource left 120 MB behind; with the threshold fixed, RSS returns to
+/// where it started (`tests/hardening.rs`, `topic_memory_is_proportional_and_given_back`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only sets a parameter of glibc's allocator; it is called once, first
+    // thing in main, before any other thread exists.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}

@@ -456,3 +456,105 @@ async fn a_configured_audience_is_required() {
     h.stop().await;
     up.stop().await;
 }
+
+// ---- memory of topics -------------------------------------------------------------------------
+
+/// RSS of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A document of about 1 MB: 7,000 small objects, as a list API returns them.
+fn big_document() -> serde_json::Value {
+    let items: Vec<_> = (0..7000)
+        .map(|i| {
+            json!({"id": i, "name": format!("item {i}"), "price": i as f64 * 1.25 + 0.1,
+                   "tags": ["a", "b", "c"], "desc": "x".repeat(50)})
+        })
+        .collect();
+    json!({ "items": items })
+}
+
+/// The herald binary (the process operators run: its allocator settings included), serving
+/// `config`; killed on drop.
+fn herald_process(config: &str) -> (tokio::process::Child, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (child, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_memory_is_proportional_and_given_back() {
+    let up = TestUpstream::start().await;
+    let doc = big_document();
+    let body = doc.to_string().len() as u64;
+    up.set_json(ME, doc);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let cfg = format!(
+        "listen = \"{addr}\"\nupstream = \"{}\"\n[sse]\ngrace = \"300ms\"\n[[route]]\npath = \"{ME}\"\ninterval = \"1s\"\n",
+        up.url(),
+    );
+    let (child, _dir) = herald_process(&cfg);
+    let pid = child.id().expect("running");
+    let started = Instant::now();
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(started.elapsed() < T, "herald did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let base = rss(pid);
+    // 20 sessions: 20 topics of the same 1 MB resource, each with its own copy.
+    let topics = 20u64;
+    let mut clients = Vec::new();
+    for n in 0..topics {
+        let cookie = format!("session=s{n}");
+        let url = format!("http://{addr}{ME}");
+        let mut c =
+            SseClient::connect_with(&reqwest::Client::new(), &url, None, &[("cookie", &cookie)])
+                .await;
+        c.expect_event("snapshot", Duration::from_secs(20)).await;
+        clients.push(c);
+    }
+    let peak = rss(pid);
+    let per_topic = peak.saturating_sub(base) / topics;
+    eprintln!(
+        "body {body} B; RSS {base} → {peak} B: {per_topic} B per topic ({:.1}× the body)",
+        per_topic as f64 / body as f64
+    );
+    assert!(
+        per_topic < 4 * body,
+        "a topic costs {per_topic} B for a {body} B body"
+    );
+    // Every stream gone, every topic closed after grace: the memory goes back.
+    drop(clients);
+    let back = eventually(Duration::from_secs(10), || {
+        rss(pid) < base + (peak - base) / 5
+    })
+    .await;
+    let after = rss(pid);
+    eprintln!("after closing: {after} B");
+    assert!(back, "RSS stayed at {after} B (from {base}, peak {peak})");
+    drop(child);
+    up.stop().await;
+}

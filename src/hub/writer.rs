@@ -164,7 +164,7 @@ impl Writer {
             return Flow::Continue;
         }
         let change = match (old.as_deref(), &doc) {
-            (Some(old), Document::Json(b)) if old.json && !was_failing => self.diff(old, b),
+            (Some(old), Document::Json(_)) if old.json && !was_failing => self.diff(old, &new),
             _ => Change::Snapshot,
         };
         let now = SystemTime::now();
@@ -194,17 +194,17 @@ impl Writer {
         Flow::Continue
     }
 
-    fn diff(&self, old: &Doc, new: &serde_json::Value) -> Change {
-        // Documents are kept as text (a fraction of a parsed tree's memory): the old one is
-        // parsed again here, once per change.
-        match serde_json::from_slice::<serde_json::Value>(&old.data) {
-            Ok(a) => diff::diff(
-                &a,
-                new,
-                self.settings.diff_mode,
-                &self.settings.diff_options,
-            ),
-            Err(_) => Change::Snapshot,
+    fn diff(&self, old: &Doc, new: &Doc) -> Change {
+        // Documents are kept as text (a fraction of a parsed tree's memory): both are parsed
+        // here, once per change, and the trees are gone when the patch is made.
+        match (
+            serde_json::from_slice::<serde_json::Value>(&old.data),
+            serde_json::from_slice::<serde_json::Value>(&new.data),
+        ) {
+            (Ok(a), Ok(b)) => {
+                diff::diff(&a, &b, self.settings.diff_mode, &self.settings.diff_options)
+            }
+            _ => Change::Snapshot,
         }
     }
 
@@ -278,13 +278,10 @@ impl Doc {
     /// The text a document is kept and sent as: compact JSON, or a text body as a JSON string.
     pub fn from_document(doc: &Document) -> Option<Doc> {
         let (data, json) = match doc {
-            Document::Json(v) => (serde_json::to_vec(v).ok()?, true),
-            Document::Text(t) => (serde_json::to_vec(t).ok()?, false),
+            Document::Json(text) => (text.clone(), true),
+            Document::Text(t) => (Bytes::from(serde_json::to_vec(t).ok()?), false),
         };
-        Some(Doc {
-            data: Bytes::from(data),
-            json,
-        })
+        Some(Doc { data, json })
     }
 }
 
@@ -331,8 +328,8 @@ mod tests {
 
     /// A document large enough that a one-field change is sent as a patch.
     fn doc(n: u64) -> Update {
-        Update::Document(Document::Json(
-            serde_json::json!({ "n": n, "pad": "x".repeat(100) }),
+        Update::Document(Document::json(
+            &serde_json::json!({ "n": n, "pad": "x".repeat(100) }),
         ))
     }
 
