@@ -125,7 +125,7 @@ impl Herald {
             None => auth::VaryKey::random(),
         };
         // One task serves every stream's re-checks and token deadlines.
-        let auth = auth::Auth::new(origin.clone(), key);
+        let auth = auth::Auth::new(origin.clone(), key, config.sse.expiry_notice);
         tracker.spawn(auth.clone().run(background.clone()));
         let routes = Arc::new(routes::LiveRoutes::new(routes::RouteTable::new(
             &config.routes,

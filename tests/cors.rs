@@ -105,17 +105,21 @@ async fn credentialed_stream_echoes_the_origin() {
     assert!(vary_has(&c.headers, "origin"));
     c.expect_event("snapshot", T).await;
 
-    // Another listed origin gets its own echo; an unlisted one gets no CORS headers (the browser
-    // then hides the stream from the page), though the stream itself is served.
+    // Another listed origin gets its own echo; an unlisted one is refused before anything is
+    // asked of the upstream with the browser's cookies.
     let other = [("origin", "http://localhost:3000")];
     let d = SseClient::connect_with(&client, &url, None, &other).await;
     assert_eq!(
         d.headers["access-control-allow-origin"],
         "http://localhost:3000"
     );
-    let evil = [("origin", "https://evil.example")];
+    let evil = [
+        ("origin", "https://evil.example"),
+        ("cookie", "session=victim"),
+    ];
     let e = SseClient::connect_with(&client, &url, None, &evil).await;
-    assert_eq!(e.status, 200);
+    assert_eq!(e.status, 403);
+    assert_eq!(up.hits_by("/api/builds/42", "session=victim"), 0);
     assert!(e.headers.get("access-control-allow-origin").is_none());
     assert!(e.headers.get("access-control-allow-credentials").is_none());
     assert!(vary_has(&e.headers, "origin"));

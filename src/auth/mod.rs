@@ -111,6 +111,8 @@ pub struct Auth {
 
 struct Inner {
     key: VaryKey,
+    /// How long before a token expires its stream is told (`auth-expiring`).
+    notice: Duration,
     upstream: Origin,
     cache: Cache,
     registry: Registry,
@@ -119,10 +121,12 @@ struct Inner {
 
 impl Auth {
     /// Credentials are hashed with `key`: the same secret on every node gives the same topics.
-    pub fn new(upstream: Origin, key: VaryKey) -> Auth {
+    /// Streams are told `notice` before their token expires.
+    pub fn new(upstream: Origin, key: VaryKey, notice: Duration) -> Auth {
         Auth {
             inner: Arc::new(Inner {
                 key,
+                notice,
                 upstream,
                 cache: Cache::default(),
                 registry: Registry::default(),
@@ -284,9 +288,17 @@ impl Auth {
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
         });
+        let valid_until_ms = grant.valid_until.map_or(0, unix_ms);
+        if valid_until_ms != 0 {
+            slot.set_valid_until(valid_until_ms);
+        }
+        let notice = expires.map(|e| e.checked_sub(self.inner.notice).unwrap_or(now).max(now));
         let watch = Watch {
             slot: Arc::downgrade(slot),
             expires,
+            notice,
+            noticed: Default::default(),
+            valid_until_ms,
             recheck: grant.recheck.as_ref().map(|p| Recheck {
                 url: p.url.clone(),
                 cred: p.cred,
@@ -334,9 +346,25 @@ impl Auth {
                 if slot.stop_reason().is_some() {
                     continue; // already ending
                 }
+                // A refresh since this was scheduled moved the expiry later: a newer entry
+                // watches the stream now.
+                if watch.valid_until_ms != 0 && slot.valid_until() > watch.valid_until_ms {
+                    continue;
+                }
                 if watch.expires.is_some_and(|e| e <= now) {
                     debug!("token expired: stream stopped");
                     slot.stop(StopReason::Expired);
+                    continue;
+                }
+                if watch.notice.is_some_and(|n| n <= now)
+                    && !watch
+                        .noticed
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    slot.announce_expiry(slot.valid_until());
+                    if let Some(at) = watch.next_due(now) {
+                        self.inner.registry.schedule(watch.clone(), at);
+                    }
                     continue;
                 }
                 if watch.recheck.is_none() {
@@ -417,6 +445,12 @@ impl Auth {
             .url_for(&out)
             .map_err(|_| Denied::Unavailable("the check URL is invalid".into()))
     }
+}
+
+/// `t` in Unix milliseconds.
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The header that carries a JWT: `Cookie: name=token` or `Authorization: Bearer token`.

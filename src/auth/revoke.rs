@@ -19,6 +19,12 @@ pub(crate) struct Watch {
     pub slot: Weak<WatchSlot>,
     /// When its token stops being valid.
     pub expires: Option<Instant>,
+    /// When to tell the stream its token expires soon (`auth-expiring`); once.
+    pub notice: Option<Instant>,
+    pub noticed: std::sync::atomic::AtomicBool,
+    /// The expiry this entry was made for (Unix ms, 0: none): a later one on the slot means a
+    /// refresh replaced this entry.
+    pub valid_until_ms: u64,
     pub recheck: Option<Recheck>,
 }
 
@@ -36,10 +42,10 @@ impl Watch {
     /// The next time something must happen to this stream after `now`.
     pub(crate) fn next_due(&self, now: Instant) -> Option<Instant> {
         let recheck = self.recheck.as_ref().map(|r| now + r.every);
-        match (recheck, self.expires) {
-            (Some(r), Some(e)) => Some(r.min(e)),
-            (r, e) => r.or(e),
-        }
+        let notice = self
+            .notice
+            .filter(|_| !self.noticed.load(Ordering::Relaxed));
+        [recheck, notice, self.expires].into_iter().flatten().min()
     }
 }
 

@@ -103,6 +103,7 @@ pub struct Sse {
     pub history_bytes: usize,
     pub grace: Duration,
     pub slow_timeout: Duration,
+    pub expiry_notice: Duration,
 }
 
 #[derive(Debug, Clone)]

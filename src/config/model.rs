@@ -175,6 +175,9 @@ pub struct SseSection {
     /// A client that has had events waiting this long without reading is disconnected with a
     /// final `error` event (`slow-consumer`). Slower readers are conflated, not cut.
     pub slow_timeout: Spanned<HumanDuration>,
+    /// A stream whose token (JWT `exp`) expires is told this long before, with an
+    /// `auth-expiring` event, so its client can refresh it without reconnecting.
+    pub expiry_notice: HumanDuration,
 }
 
 impl Default for SseSection {
@@ -187,6 +190,7 @@ impl Default for SseSection {
             history_bytes: ByteSize(1024 * 1024),
             grace: HumanDuration(Duration::from_secs(5)),
             slow_timeout: Spanned::new(0..0, HumanDuration(Duration::from_secs(30))),
+            expiry_notice: HumanDuration(Duration::from_secs(60)),
         }
     }
 }

@@ -262,6 +262,7 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             history_bytes: usize::try_from(file.sse.history_bytes.0).unwrap_or(usize::MAX),
             grace: file.sse.grace.0,
             slow_timeout,
+            expiry_notice: file.sse.expiry_notice.0,
         },
         proxy: Proxy {
             connect_timeout: file.proxy.connect_timeout.0,

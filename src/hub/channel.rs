@@ -9,8 +9,8 @@ use tokio::time::Instant;
 
 use super::history::History;
 use super::{
-    envelope, Cursor, Delivery, Doc, Event, EventKind, Position, StopReason, TopicInfo,
-    TopicSettings, WatchSlot,
+    envelope, Cursor, Delivery, Doc, Event, EventKind, Position, TopicInfo, TopicSettings,
+    WatchSlot,
 };
 use crate::routes::TopicKey;
 
@@ -57,6 +57,9 @@ struct State {
     idle_since: Option<Instant>,
     /// Removed from the hub: no new watchers may join.
     closed: bool,
+    /// The upstream refused the topic's credentials with this status: each watcher ends (a
+    /// single stream) or drops this topic (a multiplexed one).
+    refused: Option<u16>,
 }
 
 impl Channel {
@@ -74,6 +77,7 @@ impl Channel {
                 watchers: Vec::new(),
                 idle_since: Some(Instant::now()),
                 closed: false,
+                refused: None,
             }),
         }
     }
@@ -136,15 +140,17 @@ impl Channel {
         let seq = ev.position.seq;
         match ev.kind {
             EventKind::Refused(status) => {
-                // Every watcher presented the refused credentials: each ends with its own error,
-                // the state is dropped so nobody is shown it again, and no one new may join (a new
-                // watcher starts a fresh topic whose first read decides).
+                // Every watcher presented the refused credentials: each learns it at once (and
+                // ends, or drops this topic), the state is dropped so nobody is shown it again,
+                // and no one new may join (a new watcher starts a fresh topic whose first read
+                // decides).
                 st.closed = true;
                 st.current = None;
                 st.failing = None;
-                let reason = StopReason::for_refusal(status);
+                st.history = History::new(0, 0);
+                st.refused = Some(status);
                 for w in &st.watchers {
-                    w.stop(reason);
+                    w.wake();
                 }
                 return;
             }
@@ -236,6 +242,17 @@ impl Channel {
             age_s: changed_at.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             failing: st.failing.is_some(),
         }
+    }
+
+    /// The status the upstream refused the topic's credentials with, if it did.
+    pub fn refused(&self) -> Option<u16> {
+        self.lock().refused
+    }
+
+    /// Whether the topic has answered yet: an event, or a refusal.
+    pub fn settled(&self) -> bool {
+        let st = self.lock();
+        st.head > 0 || st.refused.is_some()
     }
 
     /// The newest position.

@@ -24,6 +24,11 @@ pub struct WatchSlot {
     /// Closes the client's connection. For HTTP/1 a stream whose socket is full is not polled at
     /// all, so it cannot end itself; the sweep uses this to drop the connection instead.
     kill: Option<CancellationToken>,
+    /// When the stream's credential stops being valid, in Unix milliseconds (0: never). A
+    /// refresh pushes it later; a deadline scheduled for an earlier value is then ignored.
+    valid_until_ms: AtomicU64,
+    /// An expiry the stream has yet to announce (`auth-expiring`), in Unix milliseconds.
+    expiring_ms: AtomicU64,
 }
 
 /// Why the hub asks a watcher to end its stream.
@@ -119,6 +124,30 @@ impl WatchSlot {
     pub fn stop(&self, reason: StopReason) {
         self.stop.store(reason as u8, Ordering::Release);
         self.wake();
+    }
+
+    /// The credential is valid until `unix_ms` (a later time extends it).
+    pub fn set_valid_until(&self, unix_ms: u64) {
+        self.valid_until_ms.store(unix_ms, Ordering::Release);
+    }
+
+    /// When the credential stops being valid (Unix ms, 0: never).
+    pub fn valid_until(&self) -> u64 {
+        self.valid_until_ms.load(Ordering::Acquire)
+    }
+
+    /// Ask the stream to announce that its credential expires at `unix_ms`.
+    pub fn announce_expiry(&self, unix_ms: u64) {
+        self.expiring_ms.store(unix_ms, Ordering::Release);
+        self.wake();
+    }
+
+    /// The expiry to announce, once.
+    pub fn take_expiry_notice(&self) -> Option<u64> {
+        match self.expiring_ms.swap(0, Ordering::AcqRel) {
+            0 => None,
+            ms => Some(ms),
+        }
     }
 
     pub fn stop_reason(&self) -> Option<StopReason> {

@@ -65,6 +65,42 @@ pub fn decorate(cfg: &Cors, origin: Option<&HeaderValue>, headers: &mut HeaderMa
     }
 }
 
+/// Whether a browser page on the request's `Origin` may use herald's own answers (streams and
+/// their control API), decided before anything is asked of the upstream: with `[cors]`, an
+/// origin it lists; without, only the request's own origin (`scheme://Host`). A cross-origin page
+/// could not read the answer anyway, but herald would still have polled the upstream with the
+/// user's cookies. A request without `Origin` (a same-origin GET, a client that is no browser) is
+/// allowed.
+pub fn origin_allowed<B>(cfg: Option<&Cors>, req: &http::Request<B>, tls: bool) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return true;
+    };
+    match cfg {
+        Some(c) => allow_origin(c, Some(origin)).is_some(),
+        None => {
+            let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            });
+            let scheme = if tls { "https" } else { "http" };
+            host.zip(origin.to_str().ok())
+                .is_some_and(|(h, o)| o.eq_ignore_ascii_case(&format!("{scheme}://{h}")))
+        }
+    }
+}
+
+/// The answer to a request from an origin that may not use herald.
+pub fn refuse_origin() -> Response<ResponseBody> {
+    let mut resp = json_error(
+        StatusCode::FORBIDDEN,
+        "cors-origin",
+        "this origin is not allowed to use herald",
+    );
+    add_vary(resp.headers_mut(), "origin");
+    resp
+}
+
 /// `pass_through = "override"`: drop whatever CORS the upstream set, then apply herald's.
 pub fn replace(cfg: &Cors, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
     let upstream: Vec<HeaderName> = headers
@@ -84,13 +120,7 @@ pub fn replace(cfg: &Cors, origin: Option<&HeaderValue>, headers: &mut HeaderMap
 pub fn preflight(cfg: &Cors, headers: &HeaderMap, stream: bool) -> Response<ResponseBody> {
     let origin = headers.get(header::ORIGIN);
     let Some(allow) = allow_origin(cfg, origin) else {
-        let mut resp = json_error(
-            StatusCode::FORBIDDEN,
-            "cors-origin",
-            "this origin is not allowed to use herald",
-        );
-        add_vary(resp.headers_mut(), "origin");
-        return resp;
+        return refuse_origin();
     };
     let mut resp = Response::new(Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync());
     *resp.status_mut() = StatusCode::NO_CONTENT;

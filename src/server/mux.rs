@@ -17,8 +17,10 @@ use tracing::debug;
 use super::open::{self, Refused, StreamRequest, Target};
 use super::{compress, cors, json_error, ConnInfo, ResponseBody, Service};
 use crate::config;
+use crate::hub::Position;
 use crate::reply::full;
-use crate::sse::mux::{Change, ControlError, Registry, WatchInfo};
+use crate::sse::mux::{Change, Control, ControlError, Registry, WatchInfo};
+use crate::telemetry::redact;
 
 /// The browser client, an ES module (`client/herald.js`).
 pub const CLIENT_JS: &str = include_str!("../../client/herald.js");
@@ -39,6 +41,7 @@ enum Endpoint<'a> {
 enum Action {
     Watch,
     Unwatch,
+    Refresh,
 }
 
 /// herald's own endpoints on the public listener (`[mux]`): where they are, and the live
@@ -75,6 +78,7 @@ impl Endpoints {
         let action = match action {
             "watch" => Action::Watch,
             "unwatch" => Action::Unwatch,
+            "refresh" => Action::Refresh,
             _ => return None,
         };
         Some(Endpoint::Control { token, action })
@@ -104,6 +108,10 @@ pub async fn handle(
     if let Some(c) = cors_cfg.filter(|_| cors::is_preflight(req.method(), req.headers())) {
         // The stream needs only GET and the stream headers; control requests are JSON POSTs.
         return cors::preflight(c, req.headers(), matches!(ep, Endpoint::Stream));
+    }
+    if !matches!(ep, Endpoint::Client) && !cors::origin_allowed(cors_cfg, &req, conn.tls) {
+        svc.metrics.reject("cors-origin");
+        return cors::refuse_origin();
     }
     let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let mut resp = match (ep, req.method()) {
@@ -242,7 +250,61 @@ async fn open(
     open::mux(svc, &stream, targets, last_event_id).await
 }
 
-/// `POST <path>/{token}/watch|unwatch` with `{"path": "/api/builds/3"}`.
+/// A control request's body, read whole (bounded in size and time) and checked to be JSON.
+async fn control_body(req: Request<Incoming>) -> Result<Bytes, Response<ResponseBody>> {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        // A form or text/plain body is what a cross-site page can send without asking first.
+        return Err(json_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad-request",
+            "control requests are JSON: Content-Type: application/json",
+        ));
+    }
+    let body = Limited::new(req.into_body(), MAX_CONTROL_BODY).collect();
+    match tokio::time::timeout(CONTROL_BODY_TIMEOUT, body).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(_)) => Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "bad-request",
+            &format!("the body must be JSON of at most {MAX_CONTROL_BODY} bytes"),
+        )),
+        Err(_) => Err(json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "bad-request",
+            "the body did not arrive in time",
+        )),
+    }
+}
+
+/// The refusal of a control request whose credentials did not open the stream.
+fn not_yours() -> Response<ResponseBody> {
+    json_error(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "these credentials did not open this stream",
+    )
+}
+
+fn json_ok(body: serde_json::Value) -> Response<ResponseBody> {
+    let mut resp = Response::new(full(body.to_string()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// `POST <path>/{token}/watch|unwatch` with `{"path": "/api/builds/3"}` (and, to watch from a
+/// position the client already has, `"since"`), or `/refresh`. Every request must carry the
+/// credentials that opened the stream: a token alone is not enough.
 async fn control(
     svc: &Arc<Service>,
     req: Request<Incoming>,
@@ -259,79 +321,172 @@ async fn control(
             "no live stream has this token (it ended, or never existed)",
         );
     };
-    let body = Limited::new(req.into_body(), MAX_CONTROL_BODY).collect();
-    let body = match tokio::time::timeout(CONTROL_BODY_TIMEOUT, body).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(_)) => {
-            return json_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "bad-request",
-                &format!("the body must be JSON of at most {MAX_CONTROL_BODY} bytes"),
+    let body = match control_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let watching = match action {
+        Action::Watch => true,
+        Action::Unwatch => false,
+        Action::Refresh => {
+            return refresh(
+                svc,
+                &control,
+                headers,
+                request_query.as_deref(),
+                &body,
+                conn,
             )
-        }
-        Err(_) => {
-            return json_error(
-                StatusCode::REQUEST_TIMEOUT,
-                "bad-request",
-                "the body did not arrive in time",
-            )
+            .await
         }
     };
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
         path: String,
+        #[serde(default)]
+        since: Option<String>,
     }
-    let Ok(Body { path }) = serde_json::from_slice::<Body>(&body) else {
+    let Ok(Body { path, since }) = serde_json::from_slice::<Body>(&body) else {
         return json_error(
             StatusCode::BAD_REQUEST,
             "bad-request",
             r#"expected a JSON body like {"path": "/api/builds/3"}"#,
         );
     };
+    let since = since.and_then(|p| p.parse::<Position>().ok());
     let target = match watch_target(svc, &path, request_query.as_deref()) {
         Ok(t) => t,
         Err(refused) => return refused.response(),
     };
+    // Whoever asks must be who opened the stream (the grant's principal is the credential's).
+    let grant = match open::authorize(svc, &target, &headers).await {
+        Ok(g) => g,
+        Err(refused) => return refused.response(),
+    };
+    if !control.belongs_to(grant.principal) {
+        return not_yours();
+    }
     let info = target.info.clone();
-    let result = match action {
-        Action::Watch if control.watches(&target.key.resource) => Ok(Change::Unchanged),
-        Action::Watch => {
-            match open::watch(svc, &headers, target, control.slot(), conn.peer.ip()).await {
-                Ok(sub) => control.watch(sub),
-                Err(refused) => return refused.response(),
-            }
+    let result = if !watching {
+        control.unwatch(&target.key.resource)
+    } else if control.watches(&target.key.resource) {
+        Ok(Change::Unchanged)
+    } else {
+        let sub = open::subscribe(svc, &target.route, &grant, control.slot(), conn.peer.ip());
+        match sub {
+            Ok(sub) => control.watch(sub, info.clone(), since),
+            Err(refused) => return refused.response(),
         }
-        Action::Unwatch => control.unwatch(&target.key.resource),
     };
     match result {
         Ok(change) => {
-            debug!(?action, topic = %info.topic, ?change, "watch changed");
-            let body = serde_json::json!({
+            debug!(?action, topic = %redact(&info.topic), ?change, "watch changed");
+            json_ok(serde_json::json!({
                 "path": info.path,
                 "topic": info.topic,
-                "watching": action == Action::Watch,
+                "watching": watching,
                 "changed": change == Change::Done,
                 "watches": control.len(),
-            });
-            let mut resp = Response::new(full(body.to_string()));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            resp.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            resp
+            }))
         }
-        Err(e @ ControlError::Gone) => {
-            json_error(StatusCode::NOT_FOUND, "no-such-stream", &e.to_string())
-        }
-        Err(e @ ControlError::TooManyWatches { .. }) => json_error(
+        Err(e) => control_error(e),
+    }
+}
+
+fn control_error(e: ControlError) -> Response<ResponseBody> {
+    match e {
+        ControlError::Gone => json_error(StatusCode::NOT_FOUND, "no-such-stream", &e.to_string()),
+        ControlError::TooManyWatches { .. } => json_error(
             StatusCode::TOO_MANY_REQUESTS,
             "too-many-watches",
             &e.to_string(),
         ),
     }
+}
+
+/// `POST <control>/refresh` with the new credential (`{"access_token": …}`, or in
+/// `Authorization`/cookies): every watch is authorized again with it, and it must name the same
+/// user. The stream goes on: its expiry moves to the new credential's, and a watch whose topic
+/// is keyed by the token itself moves to the new token's topic (with a snapshot).
+async fn refresh(
+    svc: &Arc<Service>,
+    control: &Arc<Control>,
+    mut headers: HeaderMap,
+    query: Option<&str>,
+    body: &[u8],
+    conn: &ConnInfo,
+) -> Response<ResponseBody> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        #[serde(default)]
+        access_token: Option<String>,
+    }
+    let parsed = if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(Body::default())
+    } else {
+        serde_json::from_slice::<Body>(body)
+    };
+    let Ok(Body { access_token }) = parsed else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            r#"expected a JSON body like {"access_token": "…"} (or {} with the credential in Authorization)"#,
+        );
+    };
+    if let Some(token) = access_token {
+        match HeaderValue::from_str(&format!("Bearer {token}")) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                headers.insert(header::AUTHORIZATION, v);
+            }
+            Err(_) => return json_error(StatusCode::BAD_REQUEST, "bad-request", "malformed token"),
+        }
+    }
+    // Every watch, authorized with the new credential, before anything changes.
+    let mut grants = Vec::new();
+    for (key, path) in control.watched() {
+        let target = match watch_target(svc, &path, query) {
+            Ok(t) => t,
+            Err(refused) => return refused.response(),
+        };
+        let grant = match open::authorize(svc, &target, &headers).await {
+            Ok(g) => g,
+            Err(refused) => return refused.response(),
+        };
+        grants.push((key, target, grant));
+    }
+    let principal = grants.first().map_or(0, |(_, _, g)| g.principal);
+    if grants.iter().any(|(_, _, g)| g.principal != principal) || !control.belongs_to(principal) {
+        return not_yours();
+    }
+    let slot = control.slot();
+    let mut valid_until = None;
+    for (old, target, grant) in grants {
+        valid_until = valid_until.max(grant.valid_until);
+        if grant.key == old {
+            // The same topic: only the credential's deadline moves.
+            svc.auth.watch(&grant, &slot);
+            continue;
+        }
+        let info = target.info.clone();
+        match open::subscribe(svc, &target.route, &grant, slot.clone(), conn.peer.ip()) {
+            Ok(sub) => {
+                if let Err(e) = control.replace(&old, sub, info) {
+                    return control_error(e);
+                }
+            }
+            Err(refused) => return refused.response(),
+        }
+    }
+    control.rebind(principal);
+    debug!(watches = control.len(), "stream refreshed");
+    json_ok(serde_json::json!({
+        "refreshed": true,
+        "expires_at": valid_until.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        "watches": control.len(),
+    }))
 }
 
 /// `"c-<crc32>"`: changes whenever the embedded client does.

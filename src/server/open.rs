@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -90,7 +91,11 @@ impl From<Denied> for Refused {
 }
 
 /// Phase 2: may this client watch `target`? The grant names the topic (with its vary key).
-async fn authorize(svc: &Service, target: &Target, headers: &HeaderMap) -> Result<Grant, Refused> {
+pub(super) async fn authorize(
+    svc: &Service,
+    target: &Target,
+    headers: &HeaderMap,
+) -> Result<Grant, Refused> {
     svc.auth
         .authorize(
             &target.route,
@@ -120,7 +125,7 @@ fn admit(
 }
 
 /// Phase 4: join the granted topic with `slot`, under revocation watch.
-fn subscribe(
+pub(super) fn subscribe(
     svc: &Service,
     route: &Arc<Route>,
     grant: &Grant,
@@ -159,6 +164,48 @@ fn subscribe(
     }
 }
 
+/// Longest a stream request waits for a new per-credential topic's first answer, so that a
+/// refusal is an HTTP refusal (which `EventSource` does not retry) rather than a `200` stream
+/// that ends at once.
+const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(10);
+
+/// Wait (bounded) until a per-credential topic has answered: its first event, or a refusal.
+/// Shared topics are never refused, so nothing is waited for.
+async fn first_answer(sub: &Subscription) {
+    let channel = &sub.topic.channel;
+    if !channel.settings().per_credential || channel.settled() {
+        return;
+    }
+    let limit = sub.topic.route.config.timeout.min(FIRST_ANSWER_WAIT);
+    let settled = std::future::poll_fn(|cx| {
+        // The stream's own slot is woken by the topic's events and its refusal.
+        sub.slot.register(cx.waker());
+        if channel.settled() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    });
+    let _ = tokio::time::timeout(limit + Duration::from_millis(200), settled).await;
+}
+
+/// The answer to a stream whose topic the upstream refused.
+fn refusal(status: u16) -> Refused {
+    if status == 403 {
+        Refused::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the upstream refused these credentials for this resource",
+        )
+    } else {
+        Refused::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the upstream refused these credentials",
+        )
+    }
+}
+
 /// A single stream: one route, one topic.
 pub async fn single(
     svc: &Service,
@@ -178,6 +225,11 @@ pub async fn single(
         Ok(s) => s,
         Err(refused) => return refused.response(),
     };
+    first_answer(&sub).await;
+    if let Some(status) = sub.topic.channel.refused() {
+        debug!(route = %target.route.template, status, "stream refused by the upstream");
+        return refusal(status).response();
+    }
     let last = req.last_event_id();
     let cursor = sub
         .topic
@@ -226,6 +278,16 @@ pub async fn mux(
             Err(refused) => return refused.response(),
         }
     }
+    // Each watch's first answer, together: if the upstream refuses every one, the request is
+    // refused; a stream with some left goes on and tells the client which were refused.
+    futures_util::future::join_all(subs.iter().map(|(sub, _)| first_answer(sub))).await;
+    let refused: Vec<u16> = subs
+        .iter()
+        .filter_map(|(sub, _)| sub.topic.channel.refused())
+        .collect();
+    if !subs.is_empty() && refused.len() == subs.len() {
+        return refusal(refused[0]).response();
+    }
     let endpoints = &svc.mux;
     let life = lifecycle(svc);
     let (events, hello) = MuxEvents::new(
@@ -237,6 +299,7 @@ pub async fn mux(
             max_watches: endpoints.max_watches,
             last_event_id,
             control_path: endpoints.path.clone().unwrap_or_default(),
+            principal,
         },
     );
     let path: Arc<str> = endpoints.path.as_deref().unwrap_or_default().into();
@@ -253,19 +316,6 @@ pub async fn mux(
     );
     let body = SseStream::new(events, slot, life, Some(hello));
     respond(svc, req.headers, body, log, permit)
-}
-
-/// A watch added to a running multiplexed stream (its control API): authorized and subscribed
-/// like any other, with the stream's own slot; the stream was admitted when it opened.
-pub async fn watch(
-    svc: &Service,
-    headers: &HeaderMap,
-    target: Target,
-    slot: Arc<WatchSlot>,
-    ip: IpAddr,
-) -> Result<Subscription, Refused> {
-    let grant = authorize(svc, &target, headers).await?;
-    subscribe(svc, &target.route, &grant, slot, ip)
 }
 
 /// The per-client lifecycle settings: `retry:` with its jitter, so reconnects spread out.

@@ -79,6 +79,10 @@ pub async fn answer<B>(
     }
     let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let mut resp = match svc.routes.resolve(req.uri().path(), req.uri().query()) {
+        Ok(Some(_)) if !cors::origin_allowed(cors_cfg, req, conn.tls) => {
+            svc.metrics.reject("cors-origin");
+            cors::refuse_origin()
+        }
         Ok(Some((route, key))) => {
             let info = WatchInfo {
                 path: req.uri().to_string(),

@@ -154,6 +154,23 @@ impl<E: Events> SseStream<E> {
         buf.freeze()
     }
 
+    /// `auth-expiring`: the credential expires at `unix_ms`; refresh it before then.
+    fn expiring(&self, unix_ms: u64) -> Bytes {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let envelope = serde_json::json!({
+            "type": "auth-expiring",
+            "topic": self.events.topic(),
+            "timestamp": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            "data": {
+                "expires_at": rfc3339_ms(unix_ms),
+                "expires_in_ms": unix_ms.saturating_sub(now),
+            },
+        });
+        wire::event(None, Some("auth-expiring"), envelope.to_string().as_bytes())
+    }
+
     fn end(&mut self, kind: &str, data: serde_json::Value, retry: bool) -> Poll<Option<Item>> {
         self.done = true;
         let retry = retry.then_some(self.shutdown_retry);
@@ -174,11 +191,25 @@ impl<E: Events> SseStream<E> {
             return Poll::Ready(Some(Item::Own(p)));
         }
         let stop = self.slot.stop_reason();
-        // Access ended (upstream refusal, revoked, token expired): nothing more goes out, not
-        // even events already published, only the error naming the status.
+        if stop == Some(StopReason::Expired) {
+            // The credential expired and was not refreshed: a distinct last event, so a client
+            // asks for a new one rather than reconnecting as nobody.
+            let data = serde_json::json!({
+                "error": "unauthorized",
+                "status": 401,
+                "expired_at": rfc3339_ms(self.slot.valid_until()),
+            });
+            return self.end("auth-expired", data, false);
+        }
+        // Access ended (upstream refusal, revoked): nothing more goes out, not even events
+        // already published, only the error naming the status.
         if let Some((error, status)) = stop.and_then(StopReason::access_error) {
             let data = serde_json::json!({ "error": error, "status": status });
             return self.end("error", data, false);
+        }
+        if let Some(at) = self.slot.take_expiry_notice() {
+            self.last_write = Instant::now();
+            return Poll::Ready(Some(Item::Own(self.expiring(at))));
         }
         if let Some(item) = self.events.next() {
             self.last_write = Instant::now();
@@ -204,6 +235,12 @@ impl<E: Events> SseStream<E> {
         }
         Poll::Pending
     }
+}
+
+/// A Unix time in milliseconds as RFC 3339.
+fn rfc3339_ms(unix_ms: u64) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 fn reason(text: &str) -> serde_json::Value {

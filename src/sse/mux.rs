@@ -36,6 +36,7 @@ use serde::Serialize;
 use super::lifecycle::{Events, Item};
 use super::single::count;
 use crate::hub::{Cursor, Delivery, Event, Position, Subscription, WatchSlot};
+use crate::routes::TopicKey;
 use crate::wire;
 
 /// Positions parsed from one `Last-Event-ID`, at most this many (more than any stream may watch).
@@ -69,12 +70,19 @@ pub enum ControlError {
 
 /// A change queued for the stream, applied in order the next time it is polled.
 enum Op {
-    Watch(Subscription),
+    /// A new watch, from the start (`None`: a snapshot first) or from a position the client
+    /// already has (`since`).
+    Watch {
+        sub: Subscription,
+        info: WatchInfo,
+        since: Option<Position>,
+    },
     Unwatch(Arc<str>),
 }
 
 /// The part of a multiplexed stream that control requests reach: the authoritative set of watched
-/// topics (so a request is answered at once) and the changes the stream has yet to apply.
+/// topics (so a request is answered at once), the changes the stream has yet to apply, and the
+/// credential the stream was opened with (every control request must present the same).
 pub struct Control {
     slot: Arc<WatchSlot>,
     max_watches: usize,
@@ -82,11 +90,15 @@ pub struct Control {
 }
 
 struct ControlState {
-    /// Topics (resources) watched once the queued ops are applied, in watch order.
-    topics: Vec<Arc<str>>,
+    /// Topics watched once the queued ops are applied, in watch order, each with the path the
+    /// client asked for.
+    topics: Vec<(TopicKey, String)>,
     ops: Vec<Op>,
     /// The stream ended: no more changes.
     closed: bool,
+    /// Whose stream this is: the keyed hash of the credentials that opened it (or refreshed
+    /// it last); 0 for a stream opened without any.
+    principal: u64,
 }
 
 impl Control {
@@ -102,17 +114,36 @@ impl Control {
 
     /// Whether `topic` is watched (or about to be).
     pub fn watches(&self, topic: &str) -> bool {
-        self.lock().topics.iter().any(|t| &**t == topic)
+        self.lock()
+            .topics
+            .iter()
+            .any(|(t, _)| &*t.resource == topic)
     }
 
-    /// Add a subscription (made with `slot()`); its snapshot then arrives on the stream.
-    pub fn watch(&self, sub: Subscription) -> Result<Change, ControlError> {
+    /// Whether `principal` is the one the stream belongs to.
+    pub fn belongs_to(&self, principal: u64) -> bool {
+        self.lock().principal == principal
+    }
+
+    /// The stream now belongs to `principal` (after a refresh with a new credential).
+    pub fn rebind(&self, principal: u64) {
+        self.lock().principal = principal;
+    }
+
+    /// Add a subscription (made with `slot()`): its snapshot then arrives on the stream, or,
+    /// with `since`, the events after that position (a snapshot if they are gone).
+    pub fn watch(
+        &self,
+        sub: Subscription,
+        info: WatchInfo,
+        since: Option<Position>,
+    ) -> Result<Change, ControlError> {
         let mut st = self.lock();
         if st.closed {
             return Err(ControlError::Gone);
         }
-        let resource = sub.topic.key.resource.clone();
-        if st.topics.contains(&resource) {
+        let key = sub.topic.key.clone();
+        if st.topics.iter().any(|(t, _)| t.resource == key.resource) {
             return Ok(Change::Unchanged);
         }
         if st.topics.len() >= self.max_watches {
@@ -120,8 +151,8 @@ impl Control {
                 max: self.max_watches,
             });
         }
-        st.topics.push(resource);
-        st.ops.push(Op::Watch(sub));
+        st.topics.push((key, info.path.clone()));
+        st.ops.push(Op::Watch { sub, info, since });
         drop(st);
         self.slot.wake();
         Ok(Change::Done)
@@ -133,14 +164,47 @@ impl Control {
         if st.closed {
             return Err(ControlError::Gone);
         }
-        let Some(i) = st.topics.iter().position(|t| &**t == topic) else {
+        let Some(i) = st.topics.iter().position(|(t, _)| &*t.resource == topic) else {
             return Ok(Change::Unchanged);
         };
-        let resource = st.topics.remove(i);
+        let resource = st.topics.remove(i).0.resource;
         st.ops.push(Op::Unwatch(resource));
         drop(st);
         self.slot.wake();
         Ok(Change::Done)
+    }
+
+    /// The topics watched once queued changes apply, with the paths the client asked for.
+    pub fn watched(&self) -> Vec<(TopicKey, String)> {
+        self.lock().topics.clone()
+    }
+
+    /// Replace the subscription of topic `old` with `sub`: after a refresh whose new credential
+    /// names another topic for the same resource (a token-keyed topic). The new one starts with
+    /// a snapshot.
+    pub fn replace(
+        &self,
+        old: &TopicKey,
+        sub: Subscription,
+        info: WatchInfo,
+    ) -> Result<(), ControlError> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(ControlError::Gone);
+        }
+        if let Some(i) = st.topics.iter().position(|(t, _)| t == old) {
+            let resource = st.topics.remove(i).0.resource;
+            st.ops.push(Op::Unwatch(resource));
+        }
+        st.topics.push((sub.topic.key.clone(), info.path.clone()));
+        st.ops.push(Op::Watch {
+            sub,
+            info,
+            since: None,
+        });
+        drop(st);
+        self.slot.wake();
+        Ok(())
     }
 
     /// Number of topics watched once queued changes apply.
@@ -201,12 +265,16 @@ pub struct MuxOptions {
     pub max_watches: usize,
     /// The `Last-Event-ID` (or its query-string stand-in), unparsed.
     pub last_event_id: Option<String>,
+    /// Whose stream it is (see `Control::belongs_to`).
+    pub principal: u64,
     /// Added to the `hello` event so a client can build its control URLs.
     pub control_path: String,
 }
 
 struct Watch {
     sub: Subscription,
+    /// The path the client asked for (its refusal names it).
+    path: String,
     cursor: Cursor,
     /// The newest position of this topic written to the stream (or resumed from): this topic's
     /// part of the stream's ids. None: nothing yet.
@@ -256,8 +324,14 @@ impl MuxEvents {
                 Cursor::At(p) => Some(p),
                 Cursor::Fresh => None,
             };
+            let path = info.path.clone();
             infos.push(info);
-            watches.push(Watch { sub, cursor, sent });
+            watches.push(Watch {
+                sub,
+                path,
+                cursor,
+                sent,
+            });
         }
         let control = Arc::new(Control {
             slot,
@@ -265,10 +339,11 @@ impl MuxEvents {
             state: Mutex::new(ControlState {
                 topics: watches
                     .iter()
-                    .map(|w| w.sub.topic.key.resource.clone())
+                    .map(|w| (w.sub.topic.key.clone(), w.path.clone()))
                     .collect(),
                 ops: Vec::new(),
                 closed: false,
+                principal: opts.principal,
             }),
         });
         let token = registry.register(&control);
@@ -313,11 +388,19 @@ impl MuxEvents {
         let ops = std::mem::take(&mut self.control.lock().ops);
         for op in ops {
             match op {
-                Op::Watch(sub) => self.watches.push(Watch {
-                    sub,
-                    cursor: Cursor::Fresh,
-                    sent: None,
-                }),
+                Op::Watch { sub, info, since } => {
+                    let cursor = sub.topic.channel.resume_cursor(since);
+                    let sent = match cursor {
+                        Cursor::At(p) => Some(p),
+                        Cursor::Fresh => None,
+                    };
+                    self.watches.push(Watch {
+                        sub,
+                        path: info.path,
+                        cursor,
+                        sent,
+                    });
+                }
                 Op::Unwatch(resource) => {
                     if let Some(i) = self
                         .watches
@@ -325,17 +408,23 @@ impl MuxEvents {
                         .position(|w| w.sub.topic.key.resource == resource)
                     {
                         // Dropping the subscription leaves the topic.
-                        self.watches.remove(i);
-                        self.backlog.retain(|(w, _)| *w != i);
-                        for (w, _) in self.backlog.iter_mut() {
-                            if *w > i {
-                                *w -= 1;
-                            }
-                        }
+                        drop(self.remove_watch(i));
                     }
                 }
             }
         }
+    }
+
+    /// Take watch `i` out, with whatever of it was still queued to send.
+    fn remove_watch(&mut self, i: usize) -> Watch {
+        let watch = self.watches.remove(i);
+        self.backlog.retain(|(w, _)| *w != i);
+        for (w, _) in self.backlog.iter_mut() {
+            if *w > i {
+                *w -= 1;
+            }
+        }
+        watch
     }
 
     /// `id: <position>~<position>…\n` after `ev` (of watch `w`) is sent.
@@ -386,9 +475,52 @@ impl MuxEvents {
     }
 }
 
+impl MuxEvents {
+    /// A watch whose topic the upstream refused leaves the stream, which goes on with the others:
+    /// its `refused` event, or None when no watch was refused.
+    fn refusal(&mut self) -> Option<Item> {
+        let (i, status) = self
+            .watches
+            .iter()
+            .enumerate()
+            .find_map(|(i, w)| w.sub.topic.channel.refused().map(|s| (i, s)))?;
+        let watch = self.remove_watch(i);
+        let topic = watch.sub.topic.key.resource.clone();
+        self.control
+            .lock()
+            .topics
+            .retain(|(t, _)| t.resource != topic);
+        Some(Item::Own(refused_event(&watch.path, &topic, status)))
+    }
+}
+
+/// The `refused` event of one watch: the stream goes on without it.
+pub fn refused_event(path: &str, topic: &str, status: u16) -> Bytes {
+    let error = if status == 403 {
+        "forbidden"
+    } else {
+        "unauthorized"
+    };
+    let envelope = serde_json::json!({
+        "type": "refused",
+        "topic": topic,
+        "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        "data": {
+            "path": path,
+            "status": status,
+            "error": error,
+            "message": "the upstream refused these credentials for this resource",
+        },
+    });
+    wire::event(None, Some("refused"), envelope.to_string().as_bytes())
+}
+
 impl Events for MuxEvents {
     fn next(&mut self) -> Option<Item> {
         self.apply_ops();
+        if let Some(refused) = self.refusal() {
+            return Some(refused);
+        }
         let (w, event) = self.next_event()?;
         let id = self.id_line(w, &event);
         Some(Item::Framed { id, event })

@@ -1,7 +1,7 @@
 //! The events of one topic for one stream: whatever the topic has past this watcher's cursor
 //! (replay, snapshot, live events), counted in the route's metrics as they go out.
 
-use crate::hub::{Cursor, Delivery, Event, Subscription};
+use crate::hub::{Cursor, Delivery, Event, StopReason, Subscription};
 
 use super::lifecycle::{Events, Item};
 
@@ -37,6 +37,11 @@ pub(super) fn count(metrics: &crate::telemetry::RouteMetrics, events: &Delivery,
 
 impl Events for TopicEvents {
     fn next(&mut self) -> Option<Item> {
+        if let Some(status) = self.sub.topic.channel.refused() {
+            // Access ended: the stream's stop (which wakes it) sends the error and ends it.
+            self.sub.slot.stop(StopReason::for_refusal(status));
+            return None;
+        }
         let fresh = self.cursor == Cursor::Fresh;
         match self.sub.topic.channel.next(&mut self.cursor) {
             Delivery::Nothing => None,

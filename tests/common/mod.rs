@@ -488,7 +488,7 @@ impl SseParser {
 pub struct SseClient {
     pub status: u16,
     pub headers: HeaderMap,
-    resp: reqwest::Response,
+    pub resp: reqwest::Response,
     parser: SseParser,
     queue: std::collections::VecDeque<SseEvent>,
     /// Every body byte as it came off the wire (before any content decoding).
