@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Structural check of deploy/kubernetes/herald.yaml (no cluster, no network): the objects and
 fields a kubelet needs, probes on herald's admin endpoints, ports and selectors that agree with each
-other and with the embedded proxy.toml, drain timing, and the proxy.toml itself through
-`herald check`. Usage: check_k8s.py MANIFEST HERALD_BINARY"""
+other and with the embedded proxy.toml, an admin listener no other pod can reach, drain timing,
+and the proxy.toml itself through `herald check`. Usage: check_k8s.py MANIFEST HERALD_BINARY"""
 
 import re
 import subprocess
@@ -54,7 +54,7 @@ def main(path, herald):
     admin = re.search(r'^\[admin\][^\[]*?listen\s*=\s*"([^"]*):(\d+)"', toml_text, re.M | re.S)
     need(listen, "proxy.toml has no listen")
     need(admin, "proxy.toml has no [admin] listen (probes need it)")
-    need(admin.group(1) in ("0.0.0.0", "[::]"), "[admin] listen must bind all pod addresses for probes")
+    need(admin.group(1) in ("127.0.0.1", "[::1]"), "[admin] listen must be loopback: no other pod may reach it")
     drain = re.search(r'drain_timeout\s*=\s*"([^"]+)"', toml_text)
     drain_s = duration_s(drain.group(1)) if drain else 10
 
@@ -68,14 +68,14 @@ def main(path, herald):
     c = containers[0]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     need(ports.get("http") == int(listen.group(1)), f"http port {ports.get('http')} != listen {listen.group(1)}")
-    need(ports.get("admin") == int(admin.group(2)), f"admin port {ports.get('admin')} != [admin] {admin.group(2)}")
-    for probe, want in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        get = c.get(probe, {}).get("httpGet")
-        need(get, f"{probe} must be an httpGet")
-        need(get["path"] == want, f"{probe} path {get['path']} != {want}")
-        need(get["port"] in ("admin", ports["admin"]), f"{probe} must use the admin port")
-    ann = spec["template"]["metadata"].get("annotations", {})
-    need(ann.get("prometheus.io/port") == str(ports["admin"]), "prometheus.io/port is not the admin port")
+    need("admin" not in ports, "the admin port must not be a container port (it is loopback only)")
+    for probe, ready in (("readinessProbe", True), ("livenessProbe", False)):
+        cmd = c.get(probe, {}).get("exec", {}).get("command")
+        need(cmd, f"{probe} must be an exec of `herald health`")
+        need(cmd[0].endswith("/herald") and "health" in cmd, f"{probe} runs {cmd}")
+        need(("--ready" in cmd) == ready, f"{probe}: --ready only for readiness")
+        r = subprocess.run([herald, *cmd[1:], "--help"], capture_output=True, text=True)
+        need(r.returncode == 0, f"{probe}: `herald {' '.join(cmd[1:])}` is not a valid command:\n{r.stderr}")
     for p in svc["spec"]["ports"]:
         need(p["targetPort"] in ports or p["targetPort"] in ports.values(), f"Service targetPort {p['targetPort']} unknown")
     need(all(p["targetPort"] != "admin" for p in svc["spec"]["ports"]), "the admin port must not be in the Service")
@@ -87,7 +87,7 @@ def main(path, herald):
     sc = c.get("securityContext", {})
     need(sc.get("allowPrivilegeEscalation") is False and sc.get("readOnlyRootFilesystem") is True, "container securityContext")
     need(pod.get("securityContext", {}).get("runAsNonRoot") is True, "pod must runAsNonRoot")
-    print(f"ok: {path} (ConfigMap, Deployment, Service; probes on :{ports['admin']}; proxy.toml valid)")
+    print(f"ok: {path} (ConfigMap, Deployment, Service; admin on loopback, exec probes; proxy.toml valid)")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,12 @@ impl Herald {
             routes,
             metrics,
         };
-        let admin = admin::Admin::new(stats, reloader.clone(), background.clone());
+        let admin = admin::Admin::new(
+            stats,
+            reloader.clone(),
+            admin::Access::new(config.admin.as_ref()),
+            background.clone(),
+        );
         // SIGHUP, heard once: the certificate watcher and the config reload both follow it.
         let hangups = shutdown::Hangups::listen(background.clone());
         tracker.spawn(reloader.on_hangups(hangups.clone(), background.clone()));

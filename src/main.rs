@@ -38,12 +38,24 @@ enum Command {
     Run,
     /// Validate the configuration and exit: 0 if valid, 64 with every problem listed if not.
     Check,
-    /// Ask a running herald to reload its config file (POST /reload on its admin listener); the
-    /// same as sending it SIGHUP. Exit 0 if reloaded, 64 if the new config was refused.
+    /// Ask a running herald to reload its config file (POST /reload on its admin listener, with
+    /// `[admin] token` or HERALD_ADMIN_TOKEN); the same as sending it SIGHUP. Exit 0 if
+    /// reloaded, 64 if the new config was refused.
     Reload {
         /// The admin listener (default: `[admin] listen` of the config file).
         #[arg(long)]
         admin: Option<SocketAddr>,
+    },
+    /// Ask a running herald whether it is alive (`/healthz`) or ready (`--ready`, `/readyz`) on
+    /// its admin listener: exit 0 if so, 1 if not. For exec probes and HEALTHCHECK, when the
+    /// admin listener is bound to loopback.
+    Health {
+        /// The admin listener (default: `[admin] listen` of the config file).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Readiness (serving, not draining) rather than liveness.
+        #[arg(long)]
+        ready: bool,
     },
     /// Start a built-in demo API and herald in front of it.
     Demo {
@@ -113,8 +125,23 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            match runtime().and_then(|rt| rt.block_on(reload(addr))) {
+            let token = admin_token(&cli.config);
+            match runtime().and_then(|rt| rt.block_on(reload(addr, token))) {
                 Ok(code) => code,
+                Err(e) => report(Err(e)),
+            }
+        }
+        Command::Health { admin, ready } => {
+            let addr = match admin.map(Ok).unwrap_or_else(|| admin_addr(&cli.config)) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match runtime().and_then(|rt| rt.block_on(health(addr, ready))) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
                 Err(e) => report(Err(e)),
             }
         }
@@ -154,11 +181,41 @@ fn admin_addr(path: &std::path::Path) -> Result<SocketAddr, String> {
     })
 }
 
-/// `herald reload`: POST /reload and print what changed (or why the new config was refused).
-async fn reload(addr: SocketAddr) -> anyhow::Result<ExitCode> {
+/// The admin token for `herald reload`: the config file's, else the environment's.
+fn admin_token(path: &std::path::Path) -> Option<String> {
+    herald::config::load(path)
+        .ok()
+        .and_then(|c| c.admin)
+        .and_then(|a| a.token)
+        .map(|t| t.0)
+        .or_else(|| std::env::var(herald::config::ADMIN_TOKEN_ENV).ok())
+}
+
+/// `herald health`: GET /healthz (or /readyz) and say whether it answered 200.
+async fn health(addr: SocketAddr, ready: bool) -> anyhow::Result<bool> {
+    let path = if ready { "readyz" } else { "healthz" };
     let resp = reqwest::Client::new()
+        .get(format!("http://{addr}/{path}"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .with_context(|| format!("asking herald's admin listener on {addr}"))?;
+    let ok = resp.status().is_success();
+    if !ok {
+        eprintln!("herald: /{path} answered {}", resp.status());
+    }
+    Ok(ok)
+}
+
+/// `herald reload`: POST /reload and print what changed (or why the new config was refused).
+async fn reload(addr: SocketAddr, token: Option<String>) -> anyhow::Result<ExitCode> {
+    let mut req = reqwest::Client::new()
         .post(format!("http://{addr}/reload"))
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(30));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
         .send()
         .await
         .with_context(|| format!("asking herald's admin listener on {addr} to reload"))?;

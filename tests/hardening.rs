@@ -558,3 +558,146 @@ async fn topic_memory_is_proportional_and_given_back() {
     drop(child);
     up.stop().await;
 }
+
+// ---- the admin listener ------------------------------------------------------------------------
+
+use common::admin::{AdminHerald, ADMIN};
+
+/// A raw request to the admin listener: its status code.
+async fn admin_raw(addr: std::net::SocketAddr, req: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn health_answers_when_the_admin_listener_is_full() {
+    let up = TestUpstream::start().await;
+    let h = AdminHerald::start(config(&up.url(), ADMIN)).await;
+    // Every admin connection taken by sockets that say nothing, and status pages.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(TcpStream::connect(h.admin_addr).await.unwrap());
+    }
+    let mut pages = Vec::new();
+    for _ in 0..20 {
+        let resp = reqwest::get(h.admin_url("/status/events")).await;
+        if let Ok(r) = resp {
+            pages.push(r.status().as_u16());
+        }
+    }
+    // Health still answers, at once.
+    let started = Instant::now();
+    let health = reqwest::get(h.admin_url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let ready = reqwest::get(h.admin_url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    // Status pages are bounded: the overflow is told so rather than held.
+    assert!(pages.iter().all(|s| *s == 200 || *s == 503), "{pages:?}");
+    // The silent sockets are closed after the admin header timeout.
+    let mut first = idle.remove(0);
+    assert!(closed_within(&mut first, Duration::from_secs(8)).await);
+    drop(idle);
+    h.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), h.join).await;
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn reload_is_not_for_browser_pages_or_strangers() {
+    let up = TestUpstream::start().await;
+    // Without a token: reload over HTTP is off (SIGHUP reloads).
+    let h = AdminHerald::start(config(&up.url(), ADMIN)).await;
+    let a = h.admin_addr;
+    let csrf = format!(
+        "POST /reload HTTP/1.1\r\nHost: {a}\r\nOrigin: https://evil.example\r\nContent-Type: text/plain\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(admin_raw(a, &csrf).await, 403);
+    let plain = format!(
+        "POST /reload HTTP/1.1\r\nHost: {a}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(admin_raw(a, &plain).await, 403, "no token configured");
+    h.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), h.join).await;
+
+    // With one: only its bearer may, and never from a page.
+    let token = "an-admin-token-of-some-length";
+    let h = AdminHerald::start(config(&up.url(), &format!("{ADMIN}token = \"{token}\"\n"))).await;
+    let a = h.admin_addr;
+    let wrong = format!("POST /reload HTTP/1.1\r\nHost: {a}\r\nAuthorization: Bearer nope\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert_eq!(admin_raw(a, &wrong).await, 401);
+    let from_page = format!("POST /reload HTTP/1.1\r\nHost: {a}\r\nOrigin: http://{a}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert_eq!(admin_raw(a, &from_page).await, 403);
+    // (The right token reaches the reload itself: 409, as this herald has no config file.)
+    let right = format!("POST /reload HTTP/1.1\r\nHost: {a}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert_eq!(admin_raw(a, &right).await, 409);
+    h.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), h.join).await;
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn the_status_page_answers_only_its_own_host_names() {
+    let up = TestUpstream::start().await;
+    let h = AdminHerald::start(config(
+        &up.url(),
+        &format!("{ADMIN}hosts = [\"herald.internal\"]\n"),
+    ))
+    .await;
+    let a = h.admin_addr;
+    let get = |host: &str| {
+        format!("GET /status.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    // A page on evil.example whose DNS name was rebound to this address sends its own name.
+    assert_eq!(admin_raw(a, &get("evil.example")).await, 421);
+    assert_eq!(admin_raw(a, &get(&a.to_string())).await, 200);
+    assert_eq!(admin_raw(a, &get("localhost:9090")).await, 200);
+    assert_eq!(admin_raw(a, &get("herald.internal")).await, 200);
+    // Probes answer whatever the name.
+    let probe = "GET /healthz HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
+    assert_eq!(admin_raw(a, probe).await, 200);
+    h.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), h.join).await;
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_request_names_exactly_one_host() {
+    let up = TestUpstream::start().await;
+    up.set_json("/api/builds/1", json!({"id": 1}));
+    let h = start_herald(config(&up.url(), &server(""))).await;
+    let status = |hosts: &'static str| {
+        let addr = h.addr;
+        async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET /api/builds/1 HTTP/1.1\r\n{hosts}Accept: text/event-stream\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; 512];
+            let n = tokio::time::timeout(T, s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        }
+    };
+    // None and two are both ambiguous, on the stream path as on the pass-through one.
+    assert!(status("").await.contains(" 400 "), "no Host");
+    assert!(
+        status("Host: a\r\nHost: b\r\n").await.contains(" 400 "),
+        "two Hosts"
+    );
+    assert!(status("Host: a\r\n").await.contains(" 200 "), "one Host");
+    h.stop().await;
+    up.stop().await;
+}

@@ -13,13 +13,17 @@ use common::{SseClient, TestUpstream};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(5);
+/// What `POST /reload` must carry.
+const TOKEN: &str = "a-reload-token-of-some-length";
 
 fn doc(name: &str, n: u32) -> serde_json::Value {
     json!({"name": name, "n": n, "steps": ["fetch", "compile", "test", "package", "publish"]})
 }
 
 fn write_config(path: &Path, upstream: &str, routes: &[(&str, &str)]) {
-    let mut text = format!("listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{ADMIN}");
+    let mut text = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{ADMIN}token = \"{TOKEN}\"\n"
+    );
     for (p, interval) in routes {
         text.push_str(&format!(
             "\n[[route]]\npath = \"{p}\"\ninterval = \"{interval}\"\n"
@@ -31,6 +35,7 @@ fn write_config(path: &Path, upstream: &str, routes: &[(&str, &str)]) {
 async fn reload(h: &AdminHerald) -> (u16, serde_json::Value) {
     let resp = reqwest::Client::new()
         .post(h.admin_url("/reload"))
+        .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
@@ -133,9 +138,12 @@ async fn reload_changes_routes_under_live_streams() {
         &[("/api/a/{id}", "30ms"), ("/api/b/{id}", "40ms")],
     );
     let admin = h.admin_addr.to_string();
+    let config = file.clone();
     let out = tokio::task::spawn_blocking(move || {
+        // The token comes from the config file, as an operator's would.
         std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["reload", "--admin", &admin])
+            .args(["reload", "--admin", &admin, "--config"])
+            .arg(&config)
             .output()
     })
     .await

@@ -102,13 +102,17 @@ pub fn snapshot(admin: &Admin) -> Status {
 }
 
 /// `GET /status/events`: a `status` event now and every [`STATUS_INTERVAL`] until herald stops.
-pub fn events(admin: Arc<Admin>) -> Response<ResponseBody> {
+/// `permit` (one of the few status streams allowed at once) is held as long as the stream.
+pub fn events(
+    admin: Arc<Admin>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response<ResponseBody> {
     let stop = admin.stop.clone();
     let mut ticker = tokio::time::interval(STATUS_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stream = futures_util::stream::unfold(
-        (admin, ticker, stop, true),
-        |(admin, mut ticker, stop, first)| async move {
+        (admin, ticker, stop, true, permit),
+        |(admin, mut ticker, stop, first, permit)| async move {
             tokio::select! {
                 _ = stop.cancelled() => return None,
                 _ = ticker.tick() => {}
@@ -122,7 +126,7 @@ pub fn events(admin: Arc<Admin>) -> Response<ResponseBody> {
             text.push_str(&json);
             text.push_str("\n\n");
             let frame = Ok::<_, Infallible>(Frame::data(Bytes::from(text)));
-            Some((frame, (admin, ticker, stop, false)))
+            Some((frame, (admin, ticker, stop, false, permit)))
         },
     );
     let mut resp = Response::new(

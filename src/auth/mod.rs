@@ -35,6 +35,16 @@ use crate::source::Origin;
 
 use check::{Cache, Verdict};
 pub use credentials::VaryKey;
+
+/// Whether a presented bearer token is the configured one, compared in constant time (HMACs of
+/// both under a per-call random key, so neither length nor prefix shows in the timing).
+pub fn token_matches(given: &str, want: &str) -> bool {
+    let rng = ring::rand::SystemRandom::new();
+    ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).is_ok_and(|k| {
+        let tag = ring::hmac::sign(&k, want.as_bytes());
+        ring::hmac::verify(&k, given.as_bytes(), tag.as_ref()).is_ok()
+    })
+}
 use revoke::{Recheck, Registry, Watch};
 
 /// `query` without the route's access-token parameter, for anything that logs or records a

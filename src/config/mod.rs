@@ -67,7 +67,15 @@ pub struct Log {
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// What `POST /reload` must present (`token`, else `HERALD_ADMIN_TOKEN`); None: HTTP reload
+    /// is off.
+    pub token: Option<Secret>,
+    /// Host names accepted besides IP literals and `localhost` (lowercase).
+    pub hosts: Vec<String>,
 }
+
+/// The environment variable that supplies `[admin] token` when the file does not.
+pub const ADMIN_TOKEN_ENV: &str = "HERALD_ADMIN_TOKEN";
 
 /// `[mux]`: the multiplexed stream and the browser client (see `server::mux`).
 #[derive(Debug, Clone)]

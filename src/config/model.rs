@@ -52,6 +52,14 @@ pub struct AdminSection {
     /// Its own address, apart from the public one; keep it private (loopback or a pod port).
     #[serde(default = "default_admin_listen")]
     pub listen: Spanned<SocketAddr>,
+    /// Bearer token `POST /reload` must carry (also `HERALD_ADMIN_TOKEN`). Without one, reload
+    /// over HTTP is off and SIGHUP is the way.
+    #[serde(default)]
+    pub token: Option<Spanned<String>>,
+    /// Host names the admin listener answers to besides IP addresses and `localhost` (a DNS name
+    /// pointing at it), so a page on another site cannot reach it by DNS rebinding.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 fn default_admin_listen() -> Spanned<SocketAddr> {

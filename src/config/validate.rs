@@ -181,7 +181,32 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         if listen == file.listen && listen.port() != 0 {
             push(span, "admin.listen", format!("{listen} is already the public listen address; give the admin listener its own port"));
         }
-        super::Admin { listen }
+        let token = match &a.get_ref().token {
+            Some(t) if t.get_ref().len() < MIN_SECRET => {
+                push(
+                    t.span(),
+                    "admin.token",
+                    format!("must be at least {MIN_SECRET} characters"),
+                );
+                None
+            }
+            Some(t) => Some(super::Secret(t.get_ref().clone())),
+            None => std::env::var(super::ADMIN_TOKEN_ENV)
+                .ok()
+                .filter(|t| t.len() >= MIN_SECRET)
+                .map(super::Secret),
+        };
+        let hosts = a
+            .get_ref()
+            .hosts
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .collect();
+        super::Admin {
+            listen,
+            token,
+            hosts,
+        }
     });
     let mux = validate_mux(&file.mux, &routes, &route_paths, &mut push);
     let compression = Compression {

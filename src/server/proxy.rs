@@ -129,9 +129,13 @@ fn check_head<B>(req: &Request<B>) -> Option<Response<ResponseBody>> {
         );
         return Some(resp);
     }
-    // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host (HTTP/1.0 may have none); more than
-    // one is ambiguous on every version. A request a proxy forwards under the wrong host is how
-    // cache poisoning and routing confusion start.
+    bad_host(req)
+}
+
+/// The refusal of a request without exactly one `Host`. RFC 9112 §3.2: an HTTP/1.1 request has
+/// exactly one (HTTP/1.0 may have none); more than one is ambiguous on every version. A request
+/// answered or forwarded under the wrong host is how cache poisoning and routing confusion start.
+pub(super) fn bad_host<B>(req: &Request<B>) -> Option<Response<ResponseBody>> {
     let hosts = req.headers().get_all(header::HOST).iter().count();
     let bad = match req.version() {
         Version::HTTP_11 => hosts != 1,

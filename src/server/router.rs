@@ -77,6 +77,9 @@ pub async fn answer<B>(
     if req.method() != Method::GET || !accepts_event_stream(req.headers()) {
         return None;
     }
+    if let Some(refused) = proxy::bad_host(req) {
+        return Some(refused);
+    }
     let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let mut resp = match svc.routes.resolve(req.uri().path(), req.uri().query()) {
         Ok(Some(_)) if !cors::origin_allowed(cors_cfg, req, conn.tls) => {
