@@ -485,6 +485,7 @@ mod tests {
                 max_topics: 10,
                 refuse: Default::default(),
                 auth: Default::default(),
+                serve_get: Default::default(),
             })
             .collect();
         RouteTable::new(&routes)

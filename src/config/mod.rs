@@ -12,7 +12,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use model::{CorsPassThrough, DiffMode, PathTemplate, RefuseItem, Segment, UnknownQuery};
+pub use model::{
+    CorsPassThrough, DiffMode, PathTemplate, RefuseItem, Segment, ServeGet, UnknownQuery,
+};
 
 /// A validated configuration. Everything in it has been checked; nothing here can fail later.
 #[derive(Debug, Clone)]
@@ -182,6 +184,8 @@ pub struct Route {
     pub refuse: Refusal,
     /// Who shares its topics, which credentials follow the client, checks, JWT.
     pub auth: auth::RouteAuth,
+    /// Who answers plain GETs: the upstream, or a live topic's state.
+    pub serve_get: ServeGet,
 }
 
 /// The answers that mean "these credentials are refused" (a route's `refuse`).

@@ -364,6 +364,19 @@ pub struct RouteSection {
     /// Local JWT verification: `{ alg = "RS256", key = "pub.pem", claim = "sub" }`.
     #[serde(default)]
     pub jwt: Option<Spanned<super::auth::JwtSection>>,
+    /// Plain GETs: `"pass"` (default: always to the upstream) or `"topic"` (answered from the
+    /// state of a live topic of the same resource and credential, when herald can vouch for it).
+    #[serde(default)]
+    pub serve_get: ServeGet,
+}
+
+/// Who answers a plain GET on a streamable route (`serve_get`).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServeGet {
+    #[default]
+    Pass,
+    Topic,
 }
 
 /// One entry of a route's `refuse` list: a status, a status class, or `"html"`.

@@ -145,6 +145,7 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             template: r.path.into_inner(),
             interval,
             diff: r.diff,
+            serve_get: r.serve_get,
             array_key: r.array_key,
             timeout,
             query: r.query,

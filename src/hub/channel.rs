@@ -244,6 +244,17 @@ impl Channel {
         }
     }
 
+    /// The current document and the position of the event that made it, unless the upstream is
+    /// failing or refused the topic (then the state is not the upstream's to vouch for).
+    pub fn current(&self) -> Option<(Position, Arc<Doc>)> {
+        let st = self.lock();
+        if st.failing.is_some() || st.refused.is_some() || st.closed {
+            return None;
+        }
+        let c = st.current.as_ref()?;
+        Some((Position::new(st.epoch, c.seq), c.doc.clone()))
+    }
+
     /// The status the upstream refused the topic's credentials with, if it did.
     pub fn refused(&self) -> Option<u16> {
         self.lock().refused

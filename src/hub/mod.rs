@@ -13,7 +13,7 @@ mod writer;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -144,6 +144,50 @@ pub struct Doc {
     pub json: bool,
 }
 
+/// When the upstream last agreed with a topic's published state: a read equal to it, or the read
+/// that made it. Cleared while the upstream fails or a newer change is held back, so a plain GET
+/// is answered from the topic only while its state is the upstream's (`serve_get`).
+#[derive(Debug, Clone, Default)]
+pub struct Freshness(Arc<FreshnessInner>);
+
+#[derive(Debug, Default)]
+struct FreshnessInner {
+    /// Unix milliseconds of the last agreement; 0 while not known to agree.
+    at: AtomicU64,
+    marked: Notify,
+}
+
+impl Freshness {
+    fn now_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis().max(1) as u64)
+    }
+
+    pub fn mark(&self) {
+        self.0.at.store(Self::now_ms(), Ordering::Relaxed);
+        self.0.marked.notify_waiters();
+    }
+
+    pub fn clear(&self) {
+        self.0.at.store(0, Ordering::Relaxed);
+    }
+
+    /// How long ago the upstream last agreed; `None` while it is not known to.
+    pub fn age(&self) -> Option<Duration> {
+        match self.0.at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(Self::now_ms().saturating_sub(at))),
+        }
+    }
+
+    /// Resolves at the next agreement (a read that confirmed or changed the state) after this
+    /// call, whenever it is first polled.
+    pub fn next_mark(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.marked.notified()
+    }
+}
+
 /// What a watcher should send next.
 pub enum Delivery {
     Nothing,
@@ -225,6 +269,8 @@ pub struct Topic {
     cancel: CancellationToken,
     /// Asks the source for a fresh read now.
     poke: Arc<Notify>,
+    /// When the upstream last agreed with the published state.
+    pub fresh: Freshness,
     /// Counts against the budget of the client that opened it.
     _budget: BudgetSlot,
 }
@@ -238,6 +284,12 @@ impl Topic {
     /// Ask the source for a fresh read now.
     pub fn poke(&self) {
         self.poke.notify_one();
+    }
+
+    /// Ask for a read now unless one is under way (a read in flight answers the asker too, so
+    /// it must not leave a second one owed): for readers of the state, not for news of a change.
+    pub fn refresh(&self) {
+        self.poke.notify_waiters();
     }
 }
 
@@ -377,6 +429,7 @@ impl Hub {
             channel,
             cancel: inner.cancel.child_token(),
             poke: Arc::new(Notify::new()),
+            fresh: Freshness::default(),
             key,
             _budget: budget,
         });
@@ -393,6 +446,7 @@ impl Hub {
             topic.cancel.clone(),
         );
         let resource = topic.key.resource.clone();
+        let fresh = topic.fresh.clone();
         debug!(topic = %id, "topic opened");
         inner.tracker.spawn(async move {
             let lease = tokio::select! {
@@ -401,7 +455,7 @@ impl Hub {
             };
             match lease {
                 Ok(lease) => {
-                    let w = writer::Writer::new(id, resource, settings, broker, lease);
+                    let w = writer::Writer::new(id, resource, settings, broker, lease, fresh);
                     writer::run(source, target, w, cancel).await;
                 }
                 Err(e) => warn!(topic = %id, error = %e, "cannot lead the topic"),

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::broker::{Broker, Lease};
-use super::{envelope, Doc, Draft, EventKind, PatchFormat, TopicSettings};
+use super::{envelope, Doc, Draft, EventKind, Freshness, PatchFormat, TopicSettings};
 use crate::diff::{self, Change};
 use crate::routes::TopicId;
 use crate::source::{Document, Feed, Source, SourceError, Target, Update};
@@ -43,6 +43,8 @@ pub(super) struct Writer {
     /// The newest change held back by coalescing, and when the last one went out.
     held: Option<Document>,
     last_sent: Option<Instant>,
+    /// When the upstream last agreed with what was published (for GETs served from the topic).
+    fresh: Freshness,
 }
 
 /// Why the writer stopped publishing.
@@ -59,6 +61,7 @@ impl Writer {
         settings: Arc<TopicSettings>,
         broker: Arc<dyn Broker>,
         lease: Lease,
+        fresh: Freshness,
     ) -> Writer {
         Writer {
             id,
@@ -71,6 +74,7 @@ impl Writer {
             failing: false,
             held: None,
             last_sent: None,
+            fresh,
         }
     }
 
@@ -110,7 +114,9 @@ impl Writer {
             Update::Document(doc) => {
                 let window = self.settings.min_interval;
                 if self.last_sent.is_some_and(|t| now < t + window) {
+                    // What was published is behind the upstream until the window ends.
                     self.held = Some(doc);
+                    self.fresh.clear();
                     Flow::Continue
                 } else {
                     self.held = None;
@@ -124,9 +130,11 @@ impl Writer {
                 if self.failing {
                     self.recovered().await;
                 }
+                self.fresh.mark();
                 Flow::Continue
             }
             Update::Failed(e) => {
+                self.fresh.clear();
                 // A failure follows whatever change was held, in order.
                 if let Some(held) = self.held.take() {
                     if let Flow::End = self.document(held).await {
@@ -161,6 +169,7 @@ impl Writer {
             if was_failing {
                 self.recovered().await;
             }
+            self.fresh.mark();
             return Flow::Continue;
         }
         let change = match (old.as_deref(), &doc) {
@@ -191,6 +200,7 @@ impl Writer {
                     .await;
             }
         }
+        self.fresh.mark();
         Flow::Continue
     }
 
@@ -322,7 +332,14 @@ mod tests {
         let broker = Arc::new(MemoryBroker::default());
         broker.attach(key.id(), &channel);
         let lease = broker.lease_now(key.id());
-        let w = Writer::new(key.id(), key.resource.clone(), settings, broker, lease);
+        let w = Writer::new(
+            key.id(),
+            key.resource.clone(),
+            settings,
+            broker,
+            lease,
+            Freshness::default(),
+        );
         (w, channel)
     }
 

@@ -7,6 +7,7 @@ pub mod compress;
 mod conn;
 pub mod cors;
 mod fast;
+mod get;
 mod idle;
 pub mod mux;
 mod observe;

@@ -32,14 +32,18 @@ pub struct StreamRequest<'a> {
     pub headers: &'a HeaderMap,
     pub version: Version,
     pub conn: &'a ConnInfo,
+    /// The `last_event_id` query parameter: where a client that cannot set the header (a first
+    /// `EventSource` open, from a page's `Herald-Event-Id`) starts. The header wins.
+    pub query_last_event_id: Option<String>,
 }
 
 impl StreamRequest<'_> {
-    /// The `Last-Event-ID` header, if any.
+    /// Where the client says it is: the `Last-Event-ID` header, else its query stand-in.
     fn last_event_id(&self) -> Option<&str> {
         self.headers
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
+            .or(self.query_last_event_id.as_deref())
     }
 
     /// The stream's slot. An HTTP/1 connection carries this one stream, so a stuck reader can be
@@ -248,12 +252,11 @@ pub async fn single(
 }
 
 /// A multiplexed stream: every target on one connection, each authorized as a single stream
-/// would be. `last_event_id` comes from the header or its query-string stand-in.
+/// would be.
 pub async fn mux(
     svc: &Service,
     req: &StreamRequest<'_>,
     targets: Vec<Target>,
-    last_event_id: Option<String>,
 ) -> Response<ResponseBody> {
     let mut grants = Vec::with_capacity(targets.len());
     for target in targets {
@@ -297,7 +300,7 @@ pub async fn mux(
         MuxOptions {
             retry: life.retry,
             max_watches: endpoints.max_watches,
-            last_event_id,
+            last_event_id: req.last_event_id().map(str::to_string),
             control_path: endpoints.path.clone().unwrap_or_default(),
             principal,
         },

@@ -58,6 +58,13 @@ pub struct ReconnectLabels {
     pub outcome: String,
 }
 
+/// A plain GET on a streamable route, by who answered it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GetLabels {
+    pub route: String,
+    pub answer: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
@@ -93,6 +100,7 @@ pub struct Metrics {
     rejected: Family<ReasonLabel, Counter>,
     reconnects: Family<ReconnectLabels, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    gets: Family<GetLabels, Counter>,
     /// Pass-through tunnels (WebSocket and other `Upgrade` exchanges).
     pub tunnels_opened: Counter,
     pub tunnels_open: Gauge,
@@ -138,6 +146,7 @@ impl Metrics {
             reloads: Family::default(),
             tunnels_opened: Counter::default(),
             tunnels_open: Gauge::default(),
+            gets: Family::default(),
             routes: Mutex::new(HashMap::new()),
         };
         let r = &mut m.registry;
@@ -226,6 +235,11 @@ impl Metrics {
             "Config reloads, by result (ok, rejected)",
             m.reloads.clone(),
         );
+        r.register(
+            "gets",
+            "Plain GETs on streamable routes, by answer: topic (served from a live topic), not-modified (304 from a topic), upstream (passed through: someone still polls)",
+            m.gets.clone(),
+        );
         m
     }
 
@@ -244,6 +258,12 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
         };
+        let get = |answer: &str| {
+            self.gets.get_or_create_owned(&GetLabels {
+                route: template.to_string(),
+                answer: answer.to_string(),
+            })
+        };
         let r = Arc::new(RouteMetrics {
             route: template.into(),
             streams_open: self.streams_open.get_or_create_owned(&label),
@@ -257,6 +277,7 @@ impl Metrics {
             replays: reconnect("replay"),
             snapshots: reconnect("snapshot"),
             upstream_requests: self.upstream_requests.clone(),
+            gets: [get("topic"), get("not-modified"), get("upstream")],
             upstream_last_status: AtomicU16::new(0),
             upstream_last_micros: AtomicI64::new(-1),
             upstream_errors: AtomicU64::new(0),
@@ -346,12 +367,25 @@ pub struct RouteMetrics {
     pub snapshots: Counter,
     /// Looked up per poll (once per interval per topic, not per event) because the status varies.
     upstream_requests: Family<UpstreamLabels, Counter>,
+    /// Plain GETs: served from a topic, 304 from a topic, passed through.
+    gets: [Counter; 3],
     /// For the status page: the last upstream status seen on this route (0: none yet, 1: no
     /// answer), its latency, and error and request totals.
     upstream_last_status: AtomicU16,
     upstream_last_micros: AtomicI64,
     upstream_errors: AtomicU64,
     upstream_total: AtomicU64,
+}
+
+/// Who answered a plain GET on a streamable route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetAnswer {
+    /// The live topic's state (`serve_get = "topic"`).
+    Topic = 0,
+    /// `304 Not Modified`, from the topic.
+    NotModified = 1,
+    /// Passed through to the upstream.
+    Upstream = 2,
 }
 
 /// The status page's view of a route's upstream.
@@ -386,6 +420,11 @@ impl RouteMetrics {
         self.upstream_last_status.store(code, Ordering::Relaxed);
         let micros = i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX);
         self.upstream_last_micros.store(micros, Ordering::Relaxed);
+    }
+
+    /// A plain GET on this route, answered as `answer` says.
+    pub fn get(&self, answer: GetAnswer) {
+        self.gets[answer as usize].inc();
     }
 
     pub fn upstream_health(&self) -> UpstreamHealth {
