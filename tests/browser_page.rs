@@ -16,7 +16,7 @@ const PAGE: &str = r#"<!doctype html>
 <meta charset="utf-8"><title>herald page</title>
 <script type="module">
 import { Herald } from "/_herald/client.js";
-const path = "/api/items/1";
+const path = "/api/items/" + (new URLSearchParams(location.search).get("item") || "1");
 const resp = await fetch(path, { headers: { accept: "application/json" } });
 window.got = { id: resp.headers.get("herald-event-id"), state: await resp.json() };
 window.log = [];
@@ -96,6 +96,33 @@ async fn a_page_rendered_from_a_get_streams_on_without_a_gap_or_a_second_snapsho
     let state: Value = serde_json::from_str(state.as_str().unwrap()).unwrap();
     assert_eq!(state, item(2));
     drop(other);
+
+    // A resource nobody watches: its GET has no position herald can vouch for, so the stream
+    // starts with a snapshot; it equals the page's state, so the app is not told it again.
+    up.set_json("/api/items/2", json!({"id": 2, "n": 0}));
+    browser
+        .cmd(json!({"cmd": "goto", "url": h.url("/page.html?item=2")}))
+        .await;
+    browser.wait("window.got && window.got.state").await;
+    assert_eq!(browser.eval("window.got.id").await, Value::Null);
+    browser.eval("window.go(), true").await;
+    browser.wait("window.h && h.status === 'live'").await;
+    up.set_json("/api/items/2", json!({"id": 2, "n": 1}));
+    browser
+        .wait("log.length >= 2 && log[log.length - 1].n === 1")
+        .await;
+    let log = browser.eval("log").await;
+    let ns: Vec<u64> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ns,
+        vec![0, 1],
+        "the page's state once, then the change: {log}"
+    );
     browser.quit().await;
     h.stop().await;
     up.stop().await;
