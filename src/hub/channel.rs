@@ -167,6 +167,7 @@ impl Channel {
                 st.failing = None;
             }
             EventKind::UpstreamError => st.failing = Some(ev.clone()),
+            EventKind::Pass | EventKind::Reset => st.failing = None,
         }
         st.head = seq;
         st.history.push(ev);
@@ -241,6 +242,7 @@ impl Channel {
             last_change: humantime::format_rfc3339_millis(changed_at).to_string(),
             age_s: changed_at.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             failing: st.failing.is_some(),
+            source: None,
         }
     }
 
