@@ -267,6 +267,12 @@ impl Channel {
     /// is of this epoch and still covered by history, else start fresh.
     pub fn resume_cursor(&self, last: Option<Position>) -> Cursor {
         let Some(last) = last else {
+            let st = self.lock();
+            // A pass-through topic has no state to snapshot: the watcher starts with the events
+            // to come (and the current upstream error, if failing).
+            if self.settings.pass_through && st.epoch != 0 && st.failing.is_none() {
+                return Cursor::At(Position::new(st.epoch, st.head));
+            }
             return Cursor::Fresh;
         };
         let st = self.lock();

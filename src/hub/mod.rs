@@ -168,6 +168,9 @@ pub struct TopicSettings {
     pub per_credential: bool,
     /// Upstream answers that mean "these credentials are refused" (the route's `refuse`).
     pub refuse: config::Refusal,
+    /// Upstream events are passed through (no state to snapshot): a new watcher starts with the
+    /// events to come.
+    pub pass_through: bool,
 }
 
 impl TopicSettings {
@@ -559,6 +562,8 @@ impl Hub {
             metrics: self.inner.metrics.route(&route.template),
             per_credential: r.auth.sharing != config::auth::Sharing::All,
             refuse: r.refuse.clone(),
+            pass_through: r.source.kind == config::source::SourceKind::Sse
+                && r.source.mode == config::source::PushMode::Pass,
         })
     }
 

@@ -331,6 +331,7 @@ mod tests {
             metrics: Arc::new(crate::telemetry::Metrics::new()).route("/t"),
             per_credential: false,
             refuse: Default::default(),
+            pass_through: false,
         })
     }
 

@@ -93,13 +93,15 @@ impl Publisher {
         };
         let body: Body = match serde_json::from_slice(&bytes) {
             Ok(b) => b,
-            Err(e) => return json_error(
-                StatusCode::BAD_REQUEST,
-                "bad-request",
-                &format!(
+            Err(e) => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request",
+                    &format!(
                     "expected {{\"resource\": \"/path\"}} or {{\"resource\": …, \"data\": …}}: {e}"
                 ),
-            ),
+                )
+            }
         };
         self.publish(body).await
     }
