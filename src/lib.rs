@@ -110,7 +110,10 @@ impl Herald {
         let tracker = TaskTracker::new();
         let metrics = Arc::new(telemetry::Metrics::new());
         let broker: Arc<dyn hub::Broker> = Arc::new(hub::MemoryBroker::default());
-        let budget = Arc::new(source::Budget::new(&config.polling));
+        let budget = Arc::new(source::Budget::new(
+            &config.polling,
+            metrics.upstream_budget_waits.clone(),
+        ));
         let source: Arc<dyn source::Source> =
             Arc::new(source::Sources::new(origin.clone(), budget.clone()));
         let hub = hub::Hub::new(

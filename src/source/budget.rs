@@ -20,8 +20,8 @@ pub struct Budget {
     /// Time between two request starts (None: no rate limit), and the next free slot.
     period: Option<Duration>,
     next_slot: Mutex<Option<Instant>>,
-    /// Requests that had to wait for a permit or a slot.
-    waits: AtomicU64,
+    /// Requests that had to wait for a permit or a slot (exported as a metric).
+    waits: prometheus_client::metrics::counter::Counter,
     /// Requests started.
     granted: AtomicU64,
 }
@@ -33,24 +33,27 @@ pub struct Permit {
 }
 
 impl Budget {
-    pub fn new(polling: &Polling) -> Budget {
+    pub fn new(polling: &Polling, waits: prometheus_client::metrics::counter::Counter) -> Budget {
         Budget {
             concurrent: (polling.max_concurrent > 0)
                 .then(|| Arc::new(Semaphore::new(polling.max_concurrent))),
             period: (polling.max_rate > 0.0)
                 .then(|| Duration::from_secs_f64(1.0 / polling.max_rate)),
             next_slot: Mutex::new(None),
-            waits: AtomicU64::new(0),
+            waits,
             granted: AtomicU64::new(0),
         }
     }
 
     /// No cap and no rate limit.
     pub fn unlimited() -> Budget {
-        Budget::new(&Polling {
-            max_concurrent: 0,
-            max_rate: 0.0,
-        })
+        Budget::new(
+            &Polling {
+                max_concurrent: 0,
+                max_rate: 0.0,
+            },
+            Default::default(),
+        )
     }
 
     /// Wait for a place in flight, then for a rate slot (in that order: a request that holds a
@@ -82,7 +85,7 @@ impl Budget {
             }
         }
         if waited {
-            self.waits.fetch_add(1, Ordering::Relaxed);
+            self.waits.inc();
         }
         self.granted.fetch_add(1, Ordering::Relaxed);
         Permit { _place: place }
@@ -90,10 +93,7 @@ impl Budget {
 
     /// Requests that waited for the budget, and requests granted, since start.
     pub fn counts(&self) -> (u64, u64) {
-        (
-            self.waits.load(Ordering::Relaxed),
-            self.granted.load(Ordering::Relaxed),
-        )
+        (self.waits.get(), self.granted.load(Ordering::Relaxed))
     }
 }
 
@@ -103,10 +103,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn rate_slots_are_spaced_and_in_order() {
-        let b = Arc::new(Budget::new(&Polling {
-            max_concurrent: 2,
-            max_rate: 10.0,
-        }));
+        let b = Arc::new(Budget::new(
+            &Polling {
+                max_concurrent: 2,
+                max_rate: 10.0,
+            },
+            Default::default(),
+        ));
         let t0 = Instant::now();
         let mut starts = Vec::new();
         for _ in 0..5 {

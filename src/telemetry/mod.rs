@@ -96,6 +96,8 @@ pub struct Metrics {
     /// Pass-through tunnels (WebSocket and other `Upgrade` exchanges).
     pub tunnels_opened: Counter,
     pub tunnels_open: Gauge,
+    /// Upstream requests that waited for the `[polling]` budget (cap or rate).
+    pub upstream_budget_waits: Counter,
     /// Handles per route template, made on first use; a route that keeps its path across a reload
     /// keeps its series.
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
@@ -138,6 +140,7 @@ impl Metrics {
             reloads: Family::default(),
             tunnels_opened: Counter::default(),
             tunnels_open: Gauge::default(),
+            upstream_budget_waits: Counter::default(),
             routes: Mutex::new(HashMap::new()),
         };
         let r = &mut m.registry;
@@ -220,6 +223,11 @@ impl Metrics {
             "proxy_tunnels_open",
             "Tunnels open now",
             m.tunnels_open.clone(),
+        );
+        r.register(
+            "upstream_budget_waits",
+            "Upstream requests that waited for the [polling] budget (max_concurrent, max_rate)",
+            m.upstream_budget_waits.clone(),
         );
         r.register(
             "config_reloads",
