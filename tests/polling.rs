@@ -223,33 +223,34 @@ interval = "1s"
         c.by_user.len() == USERS && c.by_user.values().all(|&n| n >= 2)
     })
     .await;
-    let c = counts.lock().unwrap();
-    let low = c.by_user.values().filter(|&&n| n < 2).count();
-    assert!(
-        refreshed,
-        "every topic refreshed: {low} of {USERS} were not"
-    );
-    assert!(
-        c.max_in_flight <= CAP,
-        "cap held: {} in flight",
-        c.max_in_flight
-    );
-    // The rate, over every one-second window (slots are spaced; a little slack for scheduling).
-    let mut starts = c.starts.clone();
-    starts.sort();
-    let mut j = 0;
-    let mut worst = 0;
-    for i in 0..starts.len() {
-        while starts[i] - starts[j] >= Duration::from_secs(1) {
-            j += 1;
+    {
+        let c = counts.lock().unwrap();
+        let low = c.by_user.values().filter(|&&n| n < 2).count();
+        assert!(
+            refreshed,
+            "every topic refreshed: {low} of {USERS} were not"
+        );
+        assert!(
+            c.max_in_flight <= CAP,
+            "cap held: {} in flight",
+            c.max_in_flight
+        );
+        // The rate, over every one-second window (slots are spaced; a little slack for scheduling).
+        let mut starts = c.starts.clone();
+        starts.sort();
+        let mut j = 0;
+        let mut worst = 0;
+        for i in 0..starts.len() {
+            while starts[i] - starts[j] >= Duration::from_secs(1) {
+                j += 1;
+            }
+            worst = worst.max(i - j + 1);
         }
-        worst = worst.max(i - j + 1);
+        assert!(
+            worst as f64 <= RATE * 1.1,
+            "rate held: {worst} requests in one second"
+        );
     }
-    assert!(
-        worst as f64 <= RATE * 1.1,
-        "rate held: {worst} requests in one second"
-    );
-    drop(c);
     let metrics = herald.scrape().await;
     assert!(
         metrics.get("herald_upstream_budget_waits_total") > 0.0,
