@@ -288,6 +288,54 @@ pub fn push_path(template: &PathTemplate, route: &PathTemplate, resource: &str) 
 mod tests {
     use super::*;
 
+    fn problems(extra: &str) -> String {
+        let text = format!("listen = \"127.0.0.1:0\"\nupstream = \"http://u.test\"\n{extra}");
+        match super::super::parse(&text, "proxy.toml") {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn source_keys_are_checked_with_their_line() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[[route]]\npath = \"/a\"\nsource = { kind = \"websocket\" }\n",
+                "proxy.toml:5:",
+            ),
+            (
+                "[[route]]\npath = \"/a/{id}\"\nsource = { kind = \"sse\", path = \"/b/{other}\" }\n",
+                "proxy.toml:5:33: route \"/a/{id}\" source.path: parameter {other} is not a parameter of the route's path",
+            ),
+            (
+                "[[route]]\npath = \"/a\"\nsource = { kind = \"ndjson\", mode = \"pass\" }\n",
+                "proxy.toml:5:36: route \"/a\" source.mode: only kind = \"sse\" takes a mode",
+            ),
+            (
+                "[[route]]\npath = \"/a\"\nsource = { path = \"/b\" }\n",
+                "source.path: only push sources",
+            ),
+            (
+                "[[route]]\npath = \"/a\"\ninterval = \"2s\"\nmax_interval = \"1s\"\n",
+                "proxy.toml:6:16: route \"/a\" max_interval: must be at least the route's interval",
+            ),
+            (
+                "[polling]\nmax_rate = -1.0\n",
+                "proxy.toml:4:12: polling.max_rate: must be a number of requests per second",
+            ),
+            ("[publish]\ntoken = \"short\"\n", "proxy.toml:4:9: publish.token: must be at least 16"),
+            ("[publish]\npath = \"nope\"\n", "proxy.toml:4:8: publish.path: invalid path"),
+        ];
+        for (extra, want) in cases {
+            let got = problems(extra);
+            assert!(got.contains(want), "{extra}\n got: {got}\nwant: {want}");
+        }
+        let ok = "[polling]\nmax_concurrent = 8\nmax_rate = 50.5\n[publish]\ntoken = \"0123456789abcdef\"\n\
+                  [[route]]\npath = \"/a/{id}\"\nmax_interval = \"1m\"\nhonor_cache_control = true\n\
+                  source = { kind = \"sse\", path = \"/a/{id}/events\", mode = \"pass\" }\n";
+        assert_eq!(problems(ok), "");
+    }
+
     #[test]
     fn push_path_substitutes_route_parameters() {
         let route: PathTemplate = "/api/builds/{id}".parse().unwrap();
