@@ -110,7 +110,12 @@ impl Herald {
         let tracker = TaskTracker::new();
         let metrics = Arc::new(telemetry::Metrics::new());
         let broker: Arc<dyn hub::Broker> = Arc::new(hub::MemoryBroker::default());
-        let source: Arc<dyn source::Source> = Arc::new(source::Poller::new(origin.clone()));
+        let budget = Arc::new(source::Budget::new(
+            &config.polling,
+            metrics.upstream_budget_waits.clone(),
+        ));
+        let source: Arc<dyn source::Source> =
+            Arc::new(source::Sources::new(origin.clone(), budget.clone()));
         let hub = hub::Hub::new(
             hub::HubSettings::new(&config.sse, &config.server),
             broker,
@@ -131,7 +136,10 @@ impl Herald {
             &config.routes,
         )));
         let shutdown = shutdown::Flag::default();
+        let publisher =
+            server::publish::Publisher::new(&config.publish, routes.clone(), hub.clone());
         let service = Arc::new(server::Service {
+            publish: publisher.clone(),
             routes: routes.clone(),
             hub: hub.clone(),
             auth,
@@ -159,6 +167,7 @@ impl Herald {
             hub,
             routes,
             metrics,
+            publish: publisher,
         };
         let admin = admin::Admin::new(
             stats,

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod model;
 mod read;
+pub mod source;
 mod validate;
 
 use std::fmt;
@@ -35,6 +36,10 @@ pub struct Config {
     pub admin: Option<Admin>,
     pub cluster: Cluster,
     pub log: Log,
+    /// `[polling]`: the upstream budget every poll shares.
+    pub polling: source::Polling,
+    /// `[publish]`: webhooks and pokes.
+    pub publish: source::Publish,
     pub routes: Vec<Route>,
 }
 
@@ -172,6 +177,12 @@ pub enum CorsOrigins {
 pub struct Route {
     pub template: PathTemplate,
     pub interval: Duration,
+    /// Where changes come from (poll by default).
+    pub source: source::Source,
+    /// Adaptive polling backs off up to this (equal to `interval`: no backoff).
+    pub max_interval: Duration,
+    /// `Cache-Control: max-age` is a floor on the next poll.
+    pub honor_cache_control: bool,
     pub diff: DiffMode,
     pub array_key: Option<String>,
     pub timeout: Duration,

@@ -40,6 +40,10 @@ pub struct File {
     pub log: LogSection,
     #[serde(default)]
     pub cluster: ClusterSection,
+    #[serde(default)]
+    pub polling: super::source::PollingSection,
+    #[serde(default)]
+    pub publish: super::source::PublishSection,
     #[serde(default, rename = "route")]
     pub routes: Vec<Spanned<RouteSection>>,
 }
@@ -312,6 +316,16 @@ pub struct RouteSection {
     /// How often the upstream resource is polled while someone watches it.
     #[serde(default = "default_interval")]
     pub interval: Spanned<HumanDuration>,
+    /// Where changes come from: `{ kind = "poll" | "sse" | "ndjson", path, mode }`.
+    #[serde(default)]
+    pub source: Option<Spanned<super::source::SourceSection>>,
+    /// A topic that does not change polls less and less often, up to this (default: `interval`,
+    /// no backoff); a change or a poke brings it back to `interval`.
+    #[serde(default)]
+    pub max_interval: Option<Spanned<HumanDuration>>,
+    /// Take the upstream's `Cache-Control: max-age` as the least wait before the next poll.
+    #[serde(default)]
+    pub honor_cache_control: bool,
     /// How changes are sent.
     #[serde(default)]
     pub diff: DiffMode,

@@ -140,10 +140,21 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             },
             &mut push,
         );
+        let source =
+            super::source::validate_source(r.source.as_ref(), r.path.get_ref(), &label, &mut push);
+        let max_interval = super::source::validate_max_interval(
+            r.max_interval.as_ref(),
+            interval,
+            &label,
+            &mut push,
+        );
         route_paths.push(r.path.span());
         routes.push(Route {
             template: r.path.into_inner(),
             interval,
+            source,
+            max_interval,
+            honor_cache_control: r.honor_cache_control,
             diff: r.diff,
             serve_get: r.serve_get,
             array_key: r.array_key,
@@ -209,6 +220,8 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             hosts,
         }
     });
+    let polling = super::source::validate_polling(&file.polling, &mut push);
+    let publish = super::source::validate_publish(&file.publish, &mut push);
     let mux = validate_mux(&file.mux, &routes, &route_paths, &mut push);
     let compression = Compression {
         enabled: file.compression.enabled,
@@ -308,6 +321,8 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         mux,
         admin,
         cluster: super::Cluster { secret },
+        polling,
+        publish,
         log: super::Log {
             access: file.log.access,
         },

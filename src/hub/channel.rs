@@ -167,6 +167,7 @@ impl Channel {
                 st.failing = None;
             }
             EventKind::UpstreamError => st.failing = Some(ev.clone()),
+            EventKind::Pass | EventKind::Reset => st.failing = None,
         }
         st.head = seq;
         st.history.push(ev);
@@ -241,6 +242,7 @@ impl Channel {
             last_change: humantime::format_rfc3339_millis(changed_at).to_string(),
             age_s: changed_at.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             failing: st.failing.is_some(),
+            source: None,
         }
     }
 
@@ -276,6 +278,12 @@ impl Channel {
     /// is of this epoch and still covered by history, else start fresh.
     pub fn resume_cursor(&self, last: Option<Position>) -> Cursor {
         let Some(last) = last else {
+            let st = self.lock();
+            // A pass-through topic has no state to snapshot: the watcher starts with the events
+            // to come (and the current upstream error, if failing).
+            if self.settings.pass_through && st.epoch != 0 && st.failing.is_none() {
+                return Cursor::At(Position::new(st.epoch, st.head));
+            }
             return Cursor::Fresh;
         };
         let st = self.lock();

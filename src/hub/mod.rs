@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::config;
 use crate::diff;
 use crate::routes::{Route, TopicId, TopicKey};
-use crate::source::{Source, SourceError, Target};
+use crate::source::{Document, Feed, Source, SourceError, StatsView, Target, TopicStats, Update};
 use crate::telemetry::{Metrics, RouteMetrics};
 
 pub use broker::{Broker, BrokerError, Lease, MemoryBroker, Replay};
@@ -212,6 +212,9 @@ pub struct TopicSettings {
     pub per_credential: bool,
     /// Upstream answers that mean "these credentials are refused" (the route's `refuse`).
     pub refuse: config::Refusal,
+    /// Upstream events are passed through (no state to snapshot): a new watcher starts with the
+    /// events to come.
+    pub pass_through: bool,
 }
 
 impl TopicSettings {
@@ -271,6 +274,10 @@ pub struct Topic {
     poke: Arc<Notify>,
     /// When the upstream last agreed with the published state.
     pub fresh: Freshness,
+    /// What the source reports (status page).
+    pub stats: Arc<TopicStats>,
+    /// The writer's input, for states published to herald directly (`POST /_herald/publish`).
+    feed: Feed,
     /// Counts against the budget of the client that opened it.
     _budget: BudgetSlot,
 }
@@ -283,6 +290,7 @@ impl Topic {
 
     /// Ask the source for a fresh read now.
     pub fn poke(&self) {
+        self.stats.poked();
         self.poke.notify_one();
     }
 
@@ -290,6 +298,13 @@ impl Topic {
     /// it must not leave a second one owed): for readers of the state, not for news of a change.
     pub fn refresh(&self) {
         self.poke.notify_waiters();
+    }
+
+    /// Hand the writer a new state of the resource, as if the source had read it (diffed and
+    /// fanned out). False if the topic is gone.
+    pub async fn publish_state(&self, doc: Document) -> bool {
+        self.stats.poked();
+        self.feed.send(Update::Document(doc)).await.is_ok()
     }
 }
 
@@ -319,6 +334,9 @@ pub struct TopicInfo {
     /// Seconds since then.
     pub age_s: f64,
     pub failing: bool,
+    /// What its source has been doing (kind, reads, changes, interval, connection, pokes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<StatsView>,
 }
 
 #[derive(Clone)]
@@ -423,6 +441,7 @@ impl Hub {
         let id = key.id();
         let channel = Arc::new(Channel::new(key.clone(), settings.clone()));
         inner.broker.attach(id, &channel);
+        let (feed, updates) = Feed::channel();
         let topic = Arc::new(Topic {
             id,
             route: route.clone(),
@@ -430,6 +449,8 @@ impl Hub {
             cancel: inner.cancel.child_token(),
             poke: Arc::new(Notify::new()),
             fresh: Freshness::default(),
+            stats: Arc::new(TopicStats::default()),
+            feed: feed.clone(),
             key,
             _budget: budget,
         });
@@ -439,6 +460,7 @@ impl Hub {
             credentials,
             metrics: settings.metrics.clone(),
             poke: topic.poke.clone(),
+            stats: topic.stats.clone(),
         };
         let (broker, source, cancel) = (
             inner.broker.clone(),
@@ -456,7 +478,7 @@ impl Hub {
             match lease {
                 Ok(lease) => {
                     let w = writer::Writer::new(id, resource, settings, broker, lease, fresh);
-                    writer::run(source, target, w, cancel).await;
+                    writer::run(source, target, w, (feed, updates), cancel).await;
                 }
                 Err(e) => warn!(topic = %id, error = %e, "cannot lead the topic"),
             }
@@ -482,7 +504,13 @@ impl Hub {
     /// Every live topic, as the status page shows them.
     pub fn topics_info(&self) -> Vec<TopicInfo> {
         let topics: Vec<Arc<Topic>> = self.lock_topics().values().cloned().collect();
-        topics.iter().map(|t| t.channel.info()).collect()
+        topics
+            .iter()
+            .map(|t| TopicInfo {
+                source: Some(t.stats.view()),
+                ..t.channel.info()
+            })
+            .collect()
     }
 
     /// Wake every watcher (for shutdown: they see the flag and send their last event).
@@ -588,6 +616,8 @@ impl Hub {
             metrics: self.inner.metrics.route(&route.template),
             per_credential: r.auth.sharing != config::auth::Sharing::All,
             refuse: r.refuse.clone(),
+            pass_through: r.source.kind == config::source::SourceKind::Sse
+                && r.source.mode == config::source::PushMode::Pass,
         })
     }
 

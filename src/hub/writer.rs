@@ -24,9 +24,9 @@ pub(super) async fn run(
     source: Arc<dyn Source>,
     target: Target,
     writer: Writer,
+    (feed, updates): (Feed, mpsc::Receiver<Update>),
     cancel: CancellationToken,
 ) {
-    let (feed, updates) = Feed::channel();
     let reading = source.run(target, feed, cancel.clone());
     tokio::join!(reading, writer.run(updates, cancel));
 }
@@ -136,13 +136,37 @@ impl Writer {
             Update::Failed(e) => {
                 self.fresh.clear();
                 // A failure follows whatever change was held, in order.
-                if let Some(held) = self.held.take() {
-                    if let Flow::End = self.document(held).await {
-                        return Flow::End;
-                    }
+                if let Flow::End = self.flush_held(now).await {
+                    return Flow::End;
                 }
                 self.failed(e).await
             }
+            // Passed events are not states: none is coalesced or dropped.
+            Update::Pass(data) => {
+                self.flush_held(now).await;
+                self.failing = false;
+                self.publish(EventKind::Pass, None, &data, None).await;
+                Flow::Continue
+            }
+            Update::Reset => {
+                self.flush_held(now).await;
+                if self.doc.take().is_none() {
+                    // Nothing to send a snapshot of (a pass route): say that events were missed.
+                    self.publish(EventKind::Reset, None, b"null", None).await;
+                }
+                // Otherwise the next document goes out as a snapshot.
+                Flow::Continue
+            }
+        }
+    }
+
+    async fn flush_held(&mut self, now: Instant) -> Flow {
+        match self.held.take() {
+            Some(held) => {
+                self.last_sent = Some(now);
+                self.document(held).await
+            }
+            None => Flow::Continue,
         }
     }
 
@@ -317,6 +341,7 @@ mod tests {
             metrics: Arc::new(crate::telemetry::Metrics::new()).route("/t"),
             per_credential: false,
             refuse: Default::default(),
+            pass_through: false,
         })
     }
 

@@ -13,6 +13,7 @@ pub mod mux;
 mod observe;
 mod open;
 pub mod proxy;
+pub mod publish;
 pub mod router;
 pub mod tls;
 
@@ -62,6 +63,8 @@ pub struct Service {
     pub connections: Connections,
     /// `[log] access`: one line per pass-through request.
     pub access_log: bool,
+    /// `POST /_herald/publish` (on the main listener only at `[publish] path`).
+    pub publish: Arc<publish::Publisher>,
 }
 
 /// How streams run (`[sse]`), and the flag that ends them all at shutdown.

@@ -37,6 +37,9 @@ pub async fn handle(
     if svc.mux.owns(req.uri().path()) {
         return super::mux::handle(&svc, req, &conn).await;
     }
+    if svc.publish.owns(req.uri().path()) {
+        return svc.publish.handle(req).await;
+    }
     if let Some(resp) = answer(&svc, &req, &conn).await {
         return resp;
     }

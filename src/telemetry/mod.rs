@@ -104,6 +104,8 @@ pub struct Metrics {
     /// Pass-through tunnels (WebSocket and other `Upgrade` exchanges).
     pub tunnels_opened: Counter,
     pub tunnels_open: Gauge,
+    /// Upstream requests that waited for the `[polling]` budget (cap or rate).
+    pub upstream_budget_waits: Counter,
     /// Handles per route template, made on first use; a route that keeps its path across a reload
     /// keeps its series.
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
@@ -147,6 +149,7 @@ impl Metrics {
             tunnels_opened: Counter::default(),
             tunnels_open: Gauge::default(),
             gets: Family::default(),
+            upstream_budget_waits: Counter::default(),
             routes: Mutex::new(HashMap::new()),
         };
         let r = &mut m.registry;
@@ -229,6 +232,11 @@ impl Metrics {
             "proxy_tunnels_open",
             "Tunnels open now",
             m.tunnels_open.clone(),
+        );
+        r.register(
+            "upstream_budget_waits",
+            "Upstream requests that waited for the [polling] budget (max_concurrent, max_rate)",
+            m.upstream_budget_waits.clone(),
         );
         r.register(
             "config_reloads",
