@@ -1,9 +1,10 @@
 //! Plain GETs on streamable routes. With `serve_get = "topic"`, a GET whose topic is live (same
-//! resource, same credential) and whose state the upstream confirmed within about one interval is
+//! resource, same credential) and whose state the upstream confirmed within one interval is
 //! answered from that state (`ETag`, `304`, `Age`); any other passes through, and carries
 //! `Herald-Event-Id` when its body is the live topic's state, so a page can stream from there.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -18,6 +19,7 @@ use crate::hub::{Doc, Position, Topic};
 use crate::reply::full;
 use crate::routes::Route;
 use crate::source::compact;
+use crate::source::Connection;
 use crate::sse::mux::WatchInfo;
 use crate::telemetry::{GetAnswer, RouteMetrics};
 
@@ -86,8 +88,16 @@ impl PlainGet {
             return None;
         }
         let topic = self.topic.as_ref()?;
-        let interval = self.route.config.interval;
-        let fresh = |t: &Topic| t.fresh.age().filter(|a| *a <= interval);
+        // A push source with its upstream connection open is told every change; a polled one
+        // vouches for one interval (its current one, which adaptive polling may stretch).
+        let view = topic.stats.view();
+        let pushed = view.connection == Connection::Open;
+        let interval = self
+            .route
+            .config
+            .interval
+            .max(Duration::from_millis(view.interval_ms));
+        let fresh = |t: &Topic| t.fresh.age().filter(|a| pushed || *a <= interval);
         let age = match fresh(topic) {
             Some(age) => age,
             None => {
