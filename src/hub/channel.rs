@@ -241,6 +241,7 @@ impl Channel {
             last_change: humantime::format_rfc3339_millis(changed_at).to_string(),
             age_s: changed_at.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             failing: st.failing.is_some(),
+            writer: None,
         }
     }
 

@@ -267,6 +267,9 @@ pub struct TopicInfo {
     /// Seconds since then.
     pub age_s: f64,
     pub failing: bool,
+    /// The node that writes the topic (a cluster; None: this one, alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 #[derive(Clone)]
@@ -395,19 +398,42 @@ impl Hub {
         let resource = topic.key.resource.clone();
         debug!(topic = %id, "topic opened");
         inner.tracker.spawn(async move {
-            let lease = tokio::select! {
-                _ = cancel.cancelled() => return,
-                l = broker.lead(id) => l,
-            };
-            match lease {
-                Ok(lease) => {
-                    let w = writer::Writer::new(id, resource, settings, broker, lease);
-                    writer::run(source, target, w, cancel).await;
+            // In a cluster the lease can be lost (another node took the topic over); this node
+            // then waits to lead again, in case that node goes away while watchers are here.
+            loop {
+                let lease = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    l = broker.lead(id) => l,
+                };
+                match lease {
+                    Ok(lease) => {
+                        let w = writer::Writer::new(
+                            id,
+                            resource.clone(),
+                            settings.clone(),
+                            broker.clone(),
+                            lease,
+                        );
+                        let lost =
+                            writer::run(source.clone(), target.clone(), w, cancel.clone()).await;
+                        if !lost || cancel.is_cancelled() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(topic = %id, error = %e, "cannot lead the topic");
+                        return;
+                    }
                 }
-                Err(e) => warn!(topic = %id, error = %e, "cannot lead the topic"),
             }
         });
         topic
+    }
+
+    /// Whether history lives outside this process (a cluster): a channel opened here may learn
+    /// its past after it opens.
+    pub fn clustered(&self) -> bool {
+        self.inner.broker.shared_history()
     }
 
     /// Number of live topics.
@@ -428,7 +454,14 @@ impl Hub {
     /// Every live topic, as the status page shows them.
     pub fn topics_info(&self) -> Vec<TopicInfo> {
         let topics: Vec<Arc<Topic>> = self.lock_topics().values().cloned().collect();
-        topics.iter().map(|t| t.channel.info()).collect()
+        topics
+            .iter()
+            .map(|t| {
+                let mut info = t.channel.info();
+                info.writer = self.inner.broker.writer(t.id);
+                info
+            })
+            .collect()
     }
 
     /// Wake every watcher (for shutdown: they see the flag and send their last event).
