@@ -257,3 +257,215 @@ async fn a_dead_writer_is_taken_over_without_gap_or_duplicate() {
     }
     up.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_resuming_on_another_node_gets_exactly_its_gap() {
+    let redis = TestRedis::start();
+    let up = TestUpstream::start().await;
+    up.set_json(PATH, json!({"n": 0, "pad": "x".repeat(200)}));
+    let nodes = three_nodes(&up, &redis, &build_route("50ms")).await;
+    // The observer on node 2 sees everything the topic publishes.
+    let mut observer = SseClient::connect(&nodes[1].url(PATH), None).await;
+    observer.expect_event("the first snapshot", T).await;
+    let mut client = SseClient::connect(&nodes[0].url(PATH), None).await;
+    client.expect_event("the first snapshot", T).await;
+    up.set_json(PATH, json!({"n": 1, "pad": "x".repeat(200)}));
+    let seen = client.expect_event("the first change", T).await;
+    observer.expect_event("the first change", T).await;
+    let last = seen.id.clone().unwrap();
+    drop(client);
+
+    // Three changes while the client is away.
+    let mut missed = Vec::new();
+    for n in 2..5 {
+        up.set_json(PATH, json!({"n": n, "pad": "x".repeat(200)}));
+        missed.push(observer.expect_event("a change", T).await);
+    }
+    // Node 3 has never had this topic: it learns its past from Redis.
+    assert_eq!(nodes[2].hub.topic_count(), 0);
+    let mut back = SseClient::connect(&nodes[2].url(PATH), Some(&last)).await;
+    for want in &missed {
+        let got = back.expect_event("a missed event", T).await;
+        assert_eq!(got.id, want.id);
+        assert_eq!(got.event, want.event);
+        assert_eq!(got.json()["data"], want.json()["data"]);
+    }
+    assert!(
+        back.next_event(Duration::from_millis(500)).await.is_none(),
+        "nothing but the gap"
+    );
+    // And a live change after the gap, under the next id.
+    up.set_json(PATH, json!({"n": 9, "pad": "x".repeat(200)}));
+    let live = back.expect_event("a live change", T).await;
+    assert_eq!(seq(&live).1, seq(missed.last().unwrap()).1 + 1, "{live:?}");
+
+    drop((observer, back));
+    for n in nodes {
+        n.stop().await;
+    }
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn streams_stay_open_while_redis_restarts_and_resume_after() {
+    let mut redis = TestRedis::start();
+    let up = TestUpstream::start().await;
+    up.set_json(PATH, json!({"n": 0}));
+    let nodes = three_nodes(&up, &redis, &build_route("50ms")).await;
+    let mut clients = Vec::new();
+    let mut states = Vec::new();
+    for node in &nodes {
+        let mut c = SseClient::connect(&node.url(PATH), None).await;
+        let ev = c.expect_event("the first snapshot", T).await;
+        let mut state = None;
+        apply_event(&mut state, &ev);
+        states.push(state);
+        clients.push(c);
+    }
+
+    redis.stop();
+    for c in &mut clients {
+        let ev = c.expect_event("the cluster's error", T).await;
+        assert_eq!(ev.event, "upstream-error", "{ev:?}");
+        assert_eq!(ev.json()["data"]["error"], "cluster-unavailable", "{ev:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+    up.set_json(PATH, json!({"n": 1}));
+
+    // Every stream is still open and reaches the upstream's state (from a snapshot: the
+    // restarted Redis kept nothing).
+    for (c, state) in clients.iter_mut().zip(&mut states) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while *state != Some(json!({"n": 1})) {
+            assert!(
+                Instant::now() < deadline,
+                "events resume after Redis returns"
+            );
+            match c.next_item(Duration::from_secs(1)).await {
+                Next::Item(ev) if ev.event == "snapshot" || ev.event == "patch" => {
+                    apply_event(state, &ev)
+                }
+                Next::End | Next::Broken(_) => panic!("the stream ended"),
+                _ => {}
+            }
+        }
+    }
+
+    drop(clients);
+    for n in nodes {
+        n.stop().await;
+    }
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn per_credential_topics_are_shared_per_user_and_isolated_between_users() {
+    const ME: &str = "/api/me/notifications";
+    let redis = TestRedis::start();
+    let up = TestUpstream::start().await;
+    up.set_for(
+        ME,
+        "session=a",
+        Reply::json(json!({"user": "alice", "n": 0})),
+    );
+    up.set_for(ME, "session=b", Reply::json(json!({"user": "bob", "n": 0})));
+    let route =
+        format!("[[route]]\npath = \"{ME}\"\ninterval = \"100ms\"\nvary = [\"cookie:session\"]\n");
+    let nodes = three_nodes(&up, &redis, &route).await;
+    let client = reqwest::Client::new();
+    let mut alice = Vec::new();
+    let mut bob = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let url = node.url(ME);
+        alice.push(SseClient::connect_with(&client, &url, None, &[("cookie", "session=a")]).await);
+        if i > 0 {
+            bob.push(
+                SseClient::connect_with(&client, &url, None, &[("cookie", "session=b")]).await,
+            );
+        }
+    }
+    let mut alice_ids = HashSet::new();
+    for c in &mut alice {
+        let ev = c.expect_event("alice's snapshot", T).await;
+        assert_eq!(ev.json()["data"]["user"], "alice");
+        alice_ids.insert(ev.id);
+    }
+    for c in &mut bob {
+        let ev = c.expect_event("bob's snapshot", T).await;
+        assert_eq!(ev.json()["data"]["user"], "bob");
+    }
+    assert_eq!(
+        alice_ids.len(),
+        1,
+        "alice's topic is one topic: {alice_ids:?}"
+    );
+
+    // One poller per user in the whole cluster: about 20 polls each in 2s, not 60.
+    let (a0, b0) = (up.hits_by(ME, "session=a"), up.hits_by(ME, "session=b"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (a, b) = (
+        up.hits_by(ME, "session=a") - a0,
+        up.hits_by(ME, "session=b") - b0,
+    );
+    assert!((4..=30).contains(&a), "{a} polls for alice in 2s");
+    assert!((4..=30).contains(&b), "{b} polls for bob in 2s");
+
+    up.set_for(
+        ME,
+        "session=a",
+        Reply::json(json!({"user": "alice", "n": 1})),
+    );
+    for c in &mut alice {
+        let ev = c.expect_event("alice's change", T).await;
+        assert!(!ev.data.contains("bob"), "{ev:?}");
+    }
+    for c in &mut bob {
+        assert!(
+            c.next_event(Duration::from_millis(500)).await.is_none(),
+            "bob sees nothing of alice's change"
+        );
+    }
+    // Only the caller's own cookie ever went upstream.
+    for s in up.seen() {
+        let c = credential_of(&s.headers);
+        assert!(c == "session=a" || c == "session=b", "forwarded {c:?}");
+    }
+
+    drop((alice, bob));
+    for n in nodes {
+        n.stop().await;
+    }
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn redis_unreachable_at_startup_is_a_clear_error_or_a_local_node() {
+    let up = TestUpstream::start().await;
+    let port = free_addr().await.port();
+    let text = |extra: &str| {
+        format!(
+            "[cluster]\nredis = \"redis://127.0.0.1:{port}\"\nsecret = \"{SECRET}\"\n{extra}\n{}",
+            build_route("100ms")
+        )
+    };
+    let err = herald::Herald::start(config(&up.url(), &text("")))
+        .await
+        .err()
+        .expect("no Redis: no node");
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+    assert!(
+        herald::Herald::new(config(&up.url(), &text(""))).is_err(),
+        "a clustered config needs Herald::start"
+    );
+
+    // Degraded local mode: serves alone.
+    up.set_json(PATH, json!({"n": 0}));
+    let node = start_node(config(&up.url(), &text("on_unavailable = \"local\""))).await;
+    let mut c = SseClient::connect(&node.url(PATH), None).await;
+    assert_eq!(c.expect_event("a snapshot", T).await.event, "snapshot");
+    drop(c);
+    node.stop().await;
+    up.stop().await;
+}
