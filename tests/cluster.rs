@@ -469,3 +469,52 @@ async fn redis_unreachable_at_startup_is_a_clear_error_or_a_local_node() {
     node.stop().await;
     up.stop().await;
 }
+
+#[tokio::test]
+async fn the_writer_polls_while_any_node_watches_and_stops_when_none_does() {
+    let redis = TestRedis::start();
+    let up = TestUpstream::start().await;
+    up.set_json(PATH, json!({"n": 0}));
+    let route = build_route("100ms");
+    let n1 = start_node(cluster_config(&up, &redis, "n1", &route)).await;
+    let n2 = start_node(cluster_config(&up, &redis, "n2", &route)).await;
+    let mut first = SseClient::connect(&n1.url(PATH), None).await;
+    first.expect_event("a snapshot", T).await;
+    assert!(eventually(T, || writer_of(&n1).as_deref() == Some("n1")).await);
+    let mut second = SseClient::connect(&n2.url(PATH), None).await;
+    let snap = second.expect_event("a snapshot", T).await;
+
+    // n1's watcher leaves; n2 still watches: n1 keeps writing past its grace (2s), no handoff
+    // (which would show as a new snapshot).
+    drop(first);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(writer_of(&n2).as_deref(), Some("n1"));
+    assert_eq!(
+        n1.hub.topic_count(),
+        1,
+        "the writer keeps the topic for n2's watcher"
+    );
+    assert!(second
+        .next_event(Duration::from_millis(100))
+        .await
+        .is_none());
+    up.set_json(PATH, json!({"n": 1}));
+    let ev = second.expect_event("the change", T).await;
+    assert_eq!(seq(&ev).1, seq(&snap).1 + 1, "{ev:?}");
+
+    // Nobody watches: polling stops within about two graces.
+    drop(second);
+    assert!(
+        eventually(Duration::from_secs(15), || n1.hub.topic_count() == 0
+            && n2.hub.topic_count() == 0)
+        .await,
+        "both nodes close the topic"
+    );
+    let before = up.hits(PATH);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(up.hits(PATH), before, "nobody polls an unwatched topic");
+
+    n1.stop().await;
+    n2.stop().await;
+    up.stop().await;
+}

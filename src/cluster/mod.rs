@@ -68,6 +68,8 @@ struct Local {
     held: Option<Held>,
     /// Who writes the topic, as last seen.
     writer: Option<String>,
+    /// Other nodes have watchers of it (as last seen, for a topic this node writes).
+    elsewhere: bool,
 }
 
 struct Held {
@@ -238,6 +240,7 @@ impl Broker for RedisBroker {
                 told: false,
                 held: None,
                 writer: None,
+                elsewhere: false,
             },
         );
         // A channel of the same topic that closed but was not detached yet: its writer is over.
@@ -260,6 +263,9 @@ impl Broker for RedisBroker {
                 None
             }
         };
+        if removed.is_some() {
+            presence::leave(&self.shared, id);
+        }
         if let Some(held) = removed.and_then(|l| l.held) {
             debug!(topic = %id, "cluster: lease given back");
             self.shared.release(id, held);
@@ -285,6 +291,13 @@ impl Broker for RedisBroker {
 
     fn shared_history(&self) -> bool {
         true
+    }
+
+    fn watched_elsewhere(&self, id: TopicId) -> bool {
+        self.shared
+            .lock()
+            .get(&id)
+            .is_some_and(|l| l.held.is_some() && l.elsewhere)
     }
 
     fn writer(&self, id: TopicId) -> Option<String> {

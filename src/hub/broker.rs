@@ -89,6 +89,12 @@ pub trait Broker: Send + Sync + 'static {
         false
     }
 
+    /// Whether other nodes still have watchers of topic `id`: its writer here keeps it open
+    /// (and keeps polling) after its own watchers left.
+    fn watched_elsewhere(&self, _id: TopicId) -> bool {
+        false
+    }
+
     /// The node that writes topic `id`, if another process may (for the status page).
     fn writer(&self, _id: TopicId) -> Option<String> {
         None

@@ -528,8 +528,9 @@ impl Hub {
     /// writers.
     pub fn expire_idle(&self, now: Instant) {
         let mut closed = Vec::new();
+        let broker = &self.inner.broker;
         self.lock_topics().retain(|_, topic| {
-            if topic.channel.close_if_idle(now) {
+            if !broker.watched_elsewhere(topic.id) && topic.channel.close_if_idle(now) {
                 closed.push(topic.clone());
                 false
             } else {
