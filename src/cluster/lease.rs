@@ -3,7 +3,7 @@
 //! it by then), and the publish script refuses any append under a lease that is not ours.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -12,8 +12,8 @@ use super::{jitter, Backoff, Held, Shared};
 use crate::hub::{BrokerError, Lease};
 use crate::routes::TopicId;
 
-/// Resolves once this node holds topic `id`'s lease; until then retries every quarter lease,
-/// so a dead writer's topic is taken over within about a lease time and a quarter.
+/// Resolves once this node holds topic `id`'s lease; until then retries when the holder's lease
+/// would run out, so a dead writer's topic is taken over within about a lease time.
 pub(super) async fn acquire(shared: Arc<Shared>, id: TopicId) -> Result<Lease, BrokerError> {
     let mut backoff = Backoff::new();
     loop {
@@ -24,8 +24,11 @@ pub(super) async fn acquire(shared: Arc<Shared>, id: TopicId) -> Result<Lease, B
             .arg(shared.lease_value(token))
             .arg(shared.lease_ms());
         let mut conn = shared.conn.clone();
-        let wait = match shared.timed(inv.invoke_async::<i64>(&mut conn)).await {
-            Ok(taken) if taken >= 0 => {
+        let wait = match shared
+            .timed(inv.invoke_async::<(i64, i64)>(&mut conn))
+            .await
+        {
+            Ok((taken, _)) if taken >= 0 => {
                 let lost = CancellationToken::new();
                 let stop = shared.cancel.child_token();
                 let registered = {
@@ -65,9 +68,13 @@ pub(super) async fn acquire(shared: Arc<Shared>, id: TopicId) -> Result<Lease, B
                 tokio::spawn(renew(shared.clone(), id, token, lost.clone(), stop));
                 return Ok(Lease::new(token, lost));
             }
-            Ok(_) => {
+            // Held: try again just after it would expire unrenewed (a live holder renews it
+            // before), so a dead holder's topic is taken over about a lease after its last
+            // renewal, for about one command per lease per waiting node.
+            Ok((_, ttl)) => {
                 backoff.reset();
-                jitter(shared.lease / 4)
+                let ttl = Duration::from_millis(u64::try_from(ttl).unwrap_or(0));
+                ttl.min(shared.lease) + jitter(Duration::from_millis(40))
             }
             Err(e) => {
                 debug!(topic = %id, error = %e, "cluster: lease not taken (Redis)");
@@ -99,8 +106,10 @@ async fn renew(
         }
         let mut inv = shared.scripts.renew.prepare_invoke();
         inv.key(shared.key(id, "lease"))
+            .key(shared.key(id, "events"))
             .arg(shared.lease_value(token))
-            .arg(shared.lease_ms());
+            .arg(shared.lease_ms())
+            .arg(shared.stream_ttl_ms());
         let mut conn = shared.conn.clone();
         match shared.timed(inv.invoke_async::<i64>(&mut conn)).await {
             Ok(1) => renewed = Instant::now(),

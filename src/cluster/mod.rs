@@ -169,6 +169,13 @@ impl Shared {
         u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// How long a topic's stream outlives its last append or renewal: its age limit and a lease.
+    fn stream_ttl_ms(&self) -> u64 {
+        u64::try_from(self.retention_age.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.lease_ms())
+    }
+
     fn channel(&self, id: TopicId) -> Option<Arc<Channel>> {
         self.lock().get(&id)?.channel.upgrade()
     }
@@ -338,7 +345,7 @@ impl RedisBroker {
             .arg(doc)
             .arg(json)
             .arg(entry::unix_ms(draft.changed_at))
-            .arg(age_ms.saturating_add(s.lease_ms()));
+            .arg(s.stream_ttl_ms());
         let mut conn = s.conn.clone();
         let reply: Option<(String, u64, String)> = s
             .timed(inv.invoke_async(&mut conn))

@@ -3,18 +3,21 @@
 
 use redis::Script;
 
-/// KEYS: lease, stream. ARGV: lease value, lease ms. Returns 1 when the lease was taken of a
-/// topic that has a stream (someone wrote it before), 0 when taken fresh, -1 when held by another.
+/// KEYS: lease, stream. ARGV: lease value, lease ms. Returns {1, 0} when the lease was taken of a
+/// topic that has a stream (someone wrote it before), {0, 0} when taken fresh, {-1, ms} when
+/// another holds it for `ms` more (unless renewed): the time to try again.
 const ACQUIRE: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('EXISTS', KEYS[2])
+  return {redis.call('EXISTS', KEYS[2]), 0}
 end
-return -1
+return {-1, redis.call('PTTL', KEYS[1])}
 ";
 
-/// KEYS: lease. ARGV: lease value, lease ms. 1: renewed; 0: no longer ours.
+/// KEYS: lease, stream. ARGV: lease value, lease ms, stream ttl ms. 1: renewed (and the stream
+/// kept alive while its topic has a writer, however long it goes unchanged); 0: no longer ours.
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0

@@ -530,7 +530,10 @@ impl Hub {
         let mut closed = Vec::new();
         let broker = &self.inner.broker;
         self.lock_topics().retain(|_, topic| {
-            if !broker.watched_elsewhere(topic.id) && topic.channel.close_if_idle(now) {
+            // A writer whose watchers left keeps the topic while other nodes watch it (never
+            // one that was refused).
+            let keep = broker.watched_elsewhere(topic.id) && topic.channel.refused().is_none();
+            if !keep && topic.channel.close_if_idle(now) {
                 closed.push(topic.clone());
                 false
             } else {
