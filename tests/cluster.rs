@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -77,7 +77,7 @@ fn cluster_config(up: &TestUpstream, redis: &TestRedis, node: &str, route: &str)
     config(
         &up.url(),
         &format!(
-            "[sse]\ngrace = \"2s\"\n[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nsecret = \"{SECRET}\"\nlease = \"1s\"\n{route}",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[sse]\ngrace = \"2s\"\n[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nsecret = \"{SECRET}\"\nlease = \"1s\"\n{route}",
             redis.url()
         ),
     )
@@ -89,19 +89,39 @@ fn build_route(interval: &str) -> String {
 
 /// A node started with `Herald::start` (it connects to Redis first).
 async fn start_node(config: herald::Config) -> TestHerald {
+    start_node_admin(config).await.0
+}
+
+/// The same, with its admin listener's address (when `[admin]` is configured).
+async fn start_node_admin(config: herald::Config) -> (TestHerald, Option<SocketAddr>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let herald = herald::Herald::start(config).await.expect("node starts");
+    let mut herald = herald::Herald::start(config).await.expect("node starts");
+    let admin = herald.bind_admin().await.unwrap();
     let hub = herald.hub().clone();
     let shutdown = CancellationToken::new();
     let join = tokio::spawn(herald.serve(listener, shutdown.clone()));
-    TestHerald {
+    let node = TestHerald {
         addr,
         hub,
         shutdown,
         join,
         tls: None,
-    }
+    };
+    (node, admin)
+}
+
+/// A counter or gauge of a node's `/metrics` (0 when absent).
+async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 async fn three_nodes(up: &TestUpstream, redis: &TestRedis, route: &str) -> Vec<TestHerald> {
@@ -190,7 +210,14 @@ async fn a_dead_writer_is_taken_over_without_gap_or_duplicate() {
     let redis = TestRedis::start();
     let up = TestUpstream::start().await;
     up.set_json(PATH, json!({"n": 0}));
-    let mut nodes = three_nodes(&up, &redis, &build_route("50ms")).await;
+    let mut nodes = Vec::new();
+    let mut admins = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        let config = cluster_config(&up, &redis, n, &build_route("50ms"));
+        let (node, admin) = start_node_admin(config).await;
+        nodes.push(node);
+        admins.push(admin.unwrap());
+    }
     let mut clients = Vec::new();
     for node in &nodes {
         clients.push(SseClient::connect(&node.url(PATH), None).await);
@@ -204,6 +231,7 @@ async fn a_dead_writer_is_taken_over_without_gap_or_duplicate() {
         .iter()
         .position(|n| *n == writer)
         .unwrap();
+    admins.remove(dead);
 
     // The upstream keeps changing while the writer dies (its task aborted: no clean goodbye,
     // its lease stays in Redis until it expires).
@@ -244,12 +272,22 @@ async fn a_dead_writer_is_taken_over_without_gap_or_duplicate() {
         }
     }
     let took = resumed.expect("another node took the topic over");
-    // A lease of 1s, retried every quarter lease: well within 3s on a loaded machine.
+    // A lease of 1s, tried again as it runs out: well within 4s on a loaded machine.
     assert!(took < Duration::from_secs(4), "takeover took {took:?}");
     assert!(
         last.iter().all(|l| *l == last[0]),
         "survivors agree: {last:?}"
     );
+    // The survivors' metrics: one of them holds the lease now, having taken it over; both read.
+    let mut held = 0.0;
+    let mut takeovers = 0.0;
+    for a in &admins {
+        held += metric(*a, "herald_cluster_leases_held").await;
+        takeovers += metric(*a, "herald_cluster_takeovers_total").await;
+        assert!(metric(*a, "herald_cluster_events_read_total").await > 0.0);
+    }
+    assert_eq!(held, 1.0, "one survivor writes the topic");
+    assert_eq!(takeovers, 1.0, "after one takeover");
 
     drop(clients);
     for n in nodes {
