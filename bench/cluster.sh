@@ -28,7 +28,8 @@ command -v redis-server >/dev/null || { echo "redis-server is needed (apt-get in
 TMP=$(mktemp -d /tmp/herald-cluster-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap 'cleanup; rm -rf "$TMP"' EXIT
+# KEEP=1 keeps the logs and rows in $TMP.
+trap 'cleanup; [ -n "${KEEP:-}" ] || rm -rf "$TMP"' EXIT
 REDIS_PORT=16379; UP_PORT=13000; H_PORT=18080
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 start() { "$@" & PIDS+=($!); LAST=$!; }
@@ -82,13 +83,19 @@ LOADS=()
 for i in 1 2 3; do run_load $i $PER "node n$i of 3" >"$TMP/three-$i.txt" 2>&1 & LOADS+=($!); done
 for j in "${LOADS[@]}"; do wait "$j" || true; done
 STATS=$(rcli INFO stats); CMDS=$(rcli INFO commandstats)
-EVENTS=0
+# Round trips: every command herald times (appends, leases, presence pipelines, priming) from
+# each node's metrics, plus the reader's XREADs (Redis's own count: scripts never XREAD).
+# Redis's commandstats also count the commands run inside scripts, so they are shown apart.
+EVENTS=0; TIMED=0
 for i in 1 2 3; do
-  n=$(curl -s "http://127.0.0.1:$((19090 + i))/metrics" | awk '/^herald_cluster_events_written_total/ {print $2}')
-  EVENTS=$((EVENTS + ${n:-0}))
+  m=$(curl -s "http://127.0.0.1:$((19090 + i))/metrics" || echo "node n$i did not answer" >&2)
+  n=$(echo "$m" | awk '/^herald_cluster_events_written_total/ {print $2}')
+  t=$(echo "$m" | awk '/^herald_cluster_redis_rtt_seconds_count/ {print $2}')
+  EVENTS=$((EVENTS + ${n:-0})); TIMED=$((TIMED + ${t:-0}))
 done
 CALLS=$(echo "$CMDS" | sed -n 's/^cmdstat_\([a-z|]*\):calls=\([0-9]*\),.*/\1 \2/p')
-TOTAL_CALLS=$(echo "$CALLS" | awk '{s += $2} END {print s}')
+XREADS=$(echo "$CALLS" | awk '$1 == "xread" {print $2}')
+TOTAL_CALLS=$((TIMED + ${XREADS:-0}))
 IN=$(echo "$STATS" | sed -n 's/^total_net_input_bytes:\([0-9]*\).*/\1/p')
 OUT=$(echo "$STATS" | sed -n 's/^total_net_output_bytes:\([0-9]*\).*/\1/p')
 
@@ -121,14 +128,15 @@ Commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src bench || echo
 
 $SUMMARY
 
-Redis over the three-node run: $TOTAL_CALLS commands for $EVENTS events appended
-($(awk -v c="$TOTAL_CALLS" -v e="$EVENTS" 'BEGIN { if (e > 0) printf "%.1f", c / e; else print "-" }') commands per event, leases, presence and reads included),
-$(awk -v b="$IN" -v e="$EVENTS" 'BEGIN { if (e > 0) printf "%.0f", b / e; else print "-" }') bytes in and $(awk -v b="$OUT" -v e="$EVENTS" 'BEGIN { if (e > 0) printf "%.0f", b / e; else print "-" }') bytes out per event. By command: $(echo "$CALLS" | tr '\n' ' ').
+Redis over the three-node run: $TOTAL_CALLS round trips for $EVENTS events appended
+($(awk -v c="$TOTAL_CALLS" -v e="$EVENTS" 'BEGIN { if (e > 0) printf "%.1f", c / e; else print "-" }') per event for the whole cluster: the append, each node's XREAD, and leases, presence and priming;
+${XREADS:-0} of them XREADs), $(awk -v b="$IN" -v e="$EVENTS" 'BEGIN { if (e > 0) printf "%.0f", b / e; else print "-" }') bytes into Redis and $(awk -v b="$OUT" -v e="$EVENTS" 'BEGIN { if (e > 0) printf "%.0f", b / e; else print "-" }') bytes out of it per event.
+Redis commandstats (script-internal commands included): $(echo "$CALLS" | tr '\n' ' ').
 
 Failover (writer n$W killed with SIGKILL, stream on n$S): first event ${FAILOVER:-none} s after the
 kill; the longest silence across it ${GAP:-?} s (changes every $((1000 / RATE)) ms); $DUPS duplicate ids.
 MD
 )
 echo "$REPORT"
-cat "$TMP"/one.txt "$TMP"/three-*.txt | grep -E "gap|dup" | head -5 >&2 || true
+grep -ih "panic\|ERROR" "$TMP"/n*.log | head -5 >&2 || true
 echo "$REPORT" >> "${BENCHMARKS:-BENCHMARKS.md}"

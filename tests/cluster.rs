@@ -27,34 +27,66 @@ struct TestRedis {
 }
 
 impl TestRedis {
+    /// On a free port below the ephemeral range (so that no client socket of this test process
+    /// can hold it when Redis binds it, or binds it again after a restart).
     fn start() -> TestRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = TestRedis { port, child: None };
-        r.restart();
-        r
+        for _ in 0..20 {
+            let port = 20_000 + rand::random::<u16>() % 12_000;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            let mut r = TestRedis { port, child: None };
+            if r.try_start() {
+                return r;
+            }
+        }
+        panic!("redis-server did not start on any of 20 ports");
     }
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Start (again) on the same port, and wait until it answers.
+    /// Start again on the same port (a restart), and wait until it answers.
     fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.try_start() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start again"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Spawn redis-server on `port`; true once it answers, false if it exited (port taken).
+    fn try_start(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (.ci/run installs Debian's redis-server)");
-        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                // Still running a moment later: it is ours that answered, not another's.
+                std::thread::sleep(Duration::from_millis(50));
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false;
+                }
+                self.child = Some(child);
+                return true;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -73,11 +105,23 @@ impl Drop for TestRedis {
     }
 }
 
+/// A node's config. Its lease is 3 s (renewed every second), so that a loaded machine does not
+/// lose it by accident; the takeover test shortens it.
 fn cluster_config(up: &TestUpstream, redis: &TestRedis, node: &str, route: &str) -> herald::Config {
+    lease_config(up, redis, node, route, "3s")
+}
+
+fn lease_config(
+    up: &TestUpstream,
+    redis: &TestRedis,
+    node: &str,
+    route: &str,
+    lease: &str,
+) -> herald::Config {
     config(
         &up.url(),
         &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[sse]\ngrace = \"2s\"\n[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nsecret = \"{SECRET}\"\nlease = \"1s\"\n{route}",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[sse]\ngrace = \"2s\"\n[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nsecret = \"{SECRET}\"\nlease = \"{lease}\"\n{route}",
             redis.url()
         ),
     )
@@ -213,7 +257,7 @@ async fn a_dead_writer_is_taken_over_without_gap_or_duplicate() {
     let mut nodes = Vec::new();
     let mut admins = Vec::new();
     for n in ["n1", "n2", "n3"] {
-        let config = cluster_config(&up, &redis, n, &build_route("50ms"));
+        let config = lease_config(&up, &redis, n, &build_route("50ms"), "1s");
         let (node, admin) = start_node_admin(config).await;
         nodes.push(node);
         admins.push(admin.unwrap());
@@ -287,7 +331,8 @@ async fn a_dead_writer_is_taken_over_without_gap_or_duplicate() {
         assert!(metric(*a, "herald_cluster_events_read_total").await > 0.0);
     }
     assert_eq!(held, 1.0, "one survivor writes the topic");
-    assert_eq!(takeovers, 1.0, "after one takeover");
+    // (A loaded machine may add a takeover of its own: the ids above stay consecutive anyway.)
+    assert!(takeovers >= 1.0, "after a takeover");
 
     drop(clients);
     for n in nodes {
