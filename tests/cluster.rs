@@ -24,18 +24,28 @@ const SECRET: &str = "cluster-test-secret-0123456789";
 struct TestRedis {
     port: u16,
     child: Option<Child>,
+    /// Extra server arguments (e.g. `--requirepass`).
+    args: Vec<String>,
 }
 
 impl TestRedis {
     /// On a free port below the ephemeral range (so that no client socket of this test process
     /// can hold it when Redis binds it, or binds it again after a restart).
     fn start() -> TestRedis {
+        TestRedis::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> TestRedis {
         for _ in 0..20 {
             let port = 20_000 + rand::random::<u16>() % 12_000;
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
                 continue;
             }
-            let mut r = TestRedis { port, child: None };
+            let mut r = TestRedis {
+                port,
+                child: None,
+                args: args.iter().map(|a| a.to_string()).collect(),
+            };
             if r.try_start() {
                 return r;
             }
@@ -64,6 +74,7 @@ impl TestRedis {
         let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -609,5 +620,33 @@ async fn the_writer_polls_while_any_node_watches_and_stops_when_none_does() {
 
     n1.stop().await;
     n2.stop().await;
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn a_password_in_the_url_is_used_and_never_printed() {
+    let redis = TestRedis::start_with(&["--requirepass", "s3cret-pw"]);
+    let up = TestUpstream::start().await;
+    up.set_json(PATH, json!({"n": 0}));
+    let text = |pw: &str| {
+        format!(
+            "[cluster]\nredis = \"redis://:{pw}@127.0.0.1:{}\"\nsecret = \"{SECRET}\"\n{}",
+            redis.port,
+            build_route("100ms")
+        )
+    };
+    let err = herald::Herald::start(config(&up.url(), &text("wrong-pw")))
+        .await
+        .err()
+        .expect("a wrong password: no node");
+    let msg = err.to_string();
+    assert!(!msg.contains("wrong-pw"), "the password is printed: {msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{}", redis.port)), "{msg}");
+
+    let node = start_node(config(&up.url(), &text("s3cret-pw"))).await;
+    let mut c = SseClient::connect(&node.url(PATH), None).await;
+    assert_eq!(c.expect_event("a snapshot", T).await.event, "snapshot");
+    drop(c);
+    node.stop().await;
     up.stop().await;
 }
