@@ -45,8 +45,9 @@ pub struct Cluster {
     pub redis: Option<Redis>,
 }
 
-/// `[cluster] redis` and what goes with it (see `cluster`).
-#[derive(Debug, Clone)]
+/// `[cluster] redis` and what goes with it (see `cluster`). Its `Debug` shows the URL with any
+/// password masked (a reload compares configs by it).
+#[derive(Clone)]
 pub struct Redis {
     /// The URL (it may hold a password: never printed).
     pub url: Secret,
@@ -60,6 +61,30 @@ pub struct Redis {
     pub retention_age: Duration,
     /// Serve alone (in memory) when Redis cannot be reached at startup, rather than fail.
     pub local_fallback: bool,
+}
+
+impl fmt::Debug for Redis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = reqwest::Url::parse(&self.url.0)
+            .map(|mut u| {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                u.to_string()
+            })
+            .unwrap_or_else(|_| "(invalid)".into());
+        f.debug_struct("Redis")
+            .field("url", &url)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("node", &self.node)
+            .field("prefix", &self.prefix)
+            .field("lease", &self.lease)
+            .field("retention", &self.retention)
+            .field("retention_age", &self.retention_age)
+            .field("local_fallback", &self.local_fallback)
+            .finish()
+    }
 }
 
 /// The environment variables that supply Redis credentials besides the URL.

@@ -627,8 +627,10 @@ fn validate_redis(
     })
 }
 
-/// `$HOSTNAME` (a pod's name), else a random name.
+/// `$HOSTNAME` (a pod's name), else a random name drawn once per process (so a reload does not
+/// see a different node).
 fn default_node() -> String {
+    static RANDOM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| {
@@ -637,7 +639,11 @@ fn default_node() -> String {
                 && h.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         })
-        .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()))
+        .unwrap_or_else(|| {
+            RANDOM
+                .get_or_init(|| format!("node-{:08x}", rand::random::<u32>()))
+                .clone()
+        })
 }
 
 /// A duration that must be at least `min`: reported at its line if not.
