@@ -315,6 +315,7 @@ impl Herald {
         self.admin.set_ready(true);
         server::serve(listeners, self.service.clone(), shutdown).await;
         self.admin.set_ready(false);
+        self.service.hub.close_all().await;
         self.background.cancel();
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())

@@ -650,3 +650,50 @@ async fn a_password_in_the_url_is_used_and_never_printed() {
     node.stop().await;
     up.stop().await;
 }
+
+#[tokio::test]
+async fn a_writer_that_shuts_down_cleanly_hands_its_topic_over_at_once() {
+    let redis = TestRedis::start();
+    let up = TestUpstream::start().await;
+    up.set_json(PATH, json!({"n": 0}));
+    // A long lease: waiting for it to expire would take 4 s or more.
+    let lease = "6s";
+    let route = build_route("50ms");
+    let mut nodes = vec![
+        start_node(lease_config(&up, &redis, "n1", &route, lease)).await,
+        start_node(lease_config(&up, &redis, "n2", &route, lease)).await,
+    ];
+    let mut clients = Vec::new();
+    for node in &nodes {
+        let mut c = SseClient::connect(&node.url(PATH), None).await;
+        c.expect_event("a snapshot", T).await;
+        clients.push(c);
+    }
+    assert!(eventually(T, || writer_of(&nodes[1]).is_some()).await);
+    let writer = writer_of(&nodes[1]).unwrap();
+    let leaving = if writer == "n1" { 0 } else { 1 };
+    drop(clients.remove(leaving));
+    nodes.remove(leaving).stop().await;
+
+    let stopped = Instant::now();
+    let survivor = &mut clients[0];
+    let mut n = 1;
+    let ev = loop {
+        up.set_json(PATH, json!({"n": n}));
+        n += 1;
+        if let Some(ev) = survivor.next_event(Duration::from_millis(100)).await {
+            break ev;
+        }
+        assert!(stopped.elapsed() < T, "nobody took the topic over");
+    };
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_millis(3500),
+        "a lease given back is taken within a third of a lease: {took:?} ({ev:?})"
+    );
+    drop(clients);
+    for n in nodes {
+        n.stop().await;
+    }
+    up.stop().await;
+}

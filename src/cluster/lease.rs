@@ -12,8 +12,9 @@ use super::{jitter, Backoff, Held, Shared};
 use crate::hub::{BrokerError, Lease};
 use crate::routes::TopicId;
 
-/// Resolves once this node holds topic `id`'s lease; until then retries when the holder's lease
-/// would run out, so a dead writer's topic is taken over within about a lease time.
+/// Resolves once this node holds topic `id`'s lease; until then retries every third of a lease
+/// and when the holder's lease would run out, so a dead writer's topic is taken over within
+/// about a lease time.
 pub(super) async fn acquire(shared: Arc<Shared>, id: TopicId) -> Result<Lease, BrokerError> {
     let mut backoff = Backoff::new();
     loop {
@@ -68,13 +69,14 @@ pub(super) async fn acquire(shared: Arc<Shared>, id: TopicId) -> Result<Lease, B
                 tokio::spawn(renew(shared.clone(), id, token, lost.clone(), stop));
                 return Ok(Lease::new(token, lost));
             }
-            // Held: try again just after it would expire unrenewed (a live holder renews it
-            // before), so a dead holder's topic is taken over about a lease after its last
-            // renewal, for about one command per lease per waiting node.
+            // Held: try again every third of a lease (a lease given back by a node that shut
+            // down is taken within that), and just after it would expire unrenewed (a live
+            // holder renews it before), so a dead holder's topic is taken over about a lease
+            // after its last renewal.
             Ok((_, ttl)) => {
                 backoff.reset();
                 let ttl = Duration::from_millis(u64::try_from(ttl).unwrap_or(0));
-                ttl.min(shared.lease) + jitter(Duration::from_millis(40))
+                ttl.min(shared.lease / 3) + jitter(Duration::from_millis(40))
             }
             Err(e) => {
                 debug!(topic = %id, error = %e, "cluster: lease not taken (Redis)");

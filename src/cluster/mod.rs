@@ -55,6 +55,9 @@ pub(crate) struct Shared {
     metrics: ClusterMetrics,
     scripts: scripts::Scripts,
     cancel: CancellationToken,
+    /// Short commands sent on the side (lease releases, presence leaves, reader wake-ups): a
+    /// clean shutdown waits for them.
+    chores: TaskTracker,
 }
 
 /// One topic with a channel on this node.
@@ -139,6 +142,7 @@ impl RedisBroker {
             metrics,
             scripts: scripts::Scripts::new(),
             cancel: cancel.clone(),
+            chores: TaskTracker::new(),
         });
         tracker.spawn(reader::run(shared.clone(), cancel.clone()));
         tracker.spawn(presence::run(shared.clone(), cancel));
@@ -197,7 +201,7 @@ impl Shared {
         let id = self.reader_id.load(Ordering::Relaxed);
         if id > 0 {
             let shared = self.clone();
-            tokio::spawn(async move {
+            self.chores.spawn(async move {
                 let mut conn = shared.conn.clone();
                 let _ = shared
                     .timed(
@@ -215,7 +219,7 @@ impl Shared {
     fn release(self: &Arc<Self>, id: TopicId, held: Held) {
         held.stop.cancel();
         let shared = self.clone();
-        tokio::spawn(async move {
+        self.chores.spawn(async move {
             let mut conn = shared.conn.clone();
             let mut inv = shared.scripts.release.prepare_invoke();
             inv.key(shared.key(id, "lease"))
@@ -305,6 +309,15 @@ impl Broker for RedisBroker {
             .lock()
             .get(&id)
             .is_some_and(|l| l.held.is_some() && l.elsewhere)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let chores = &self.shared.chores;
+            chores.close();
+            let _ = tokio::time::timeout(COMMAND_TIMEOUT, chores.wait()).await;
+            chores.reopen();
+        })
     }
 
     fn writer(&self, id: TopicId) -> Option<String> {

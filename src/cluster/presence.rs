@@ -25,7 +25,7 @@ pub(super) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
 /// This node's channel of topic `id` closed: it no longer counts as a watcher of it.
 pub(super) fn leave(shared: &Arc<Shared>, id: TopicId) {
     let shared = shared.clone();
-    tokio::spawn(async move {
+    shared.clone().chores.spawn(async move {
         let mut conn = shared.conn.clone();
         let _ = shared
             .timed(

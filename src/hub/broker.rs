@@ -95,6 +95,12 @@ pub trait Broker: Send + Sync + 'static {
         false
     }
 
+    /// Resolves once what `detach` started is done (leases given back), bounded: awaited at a
+    /// clean shutdown, after every topic closed.
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(future::ready(()))
+    }
+
     /// The node that writes topic `id`, if another process may (for the status page).
     fn writer(&self, _id: TopicId) -> Option<String> {
         None

@@ -546,6 +546,17 @@ impl Hub {
         }
     }
 
+    /// Close every topic (a clean shutdown, after the streams drained): writers stop and the
+    /// broker hears of it (in a cluster, their leases go to other nodes at once).
+    pub async fn close_all(&self) {
+        let topics: Vec<Arc<Topic>> = self.lock_topics().drain().map(|(_, t)| t).collect();
+        for topic in &topics {
+            topic.channel.close();
+            self.close(topic);
+        }
+        self.inner.broker.flush().await;
+    }
+
     fn close(&self, topic: &Topic) {
         topic.cancel.cancel();
         self.inner.broker.detach(topic.id, &topic.channel);
