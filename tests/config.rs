@@ -62,6 +62,13 @@ fn errors_name_file_line_and_key() {
         ("[sse]\nhistory = \"many\"\n", "proxy.toml:4:11: [sse] history: invalid type: string \"many\", expected usize"),
         // heartbeat too short
         ("[sse]\nheartbeat = \"1ms\"\n", "proxy.toml:4:13: sse.heartbeat: must be at least 10ms"),
+        // cluster keys, each at its line
+        ("[cluster]\nredis = \"http://x\"\nsecret = \"0123456789abcdef\"\n", "proxy.toml:4:9: cluster.redis: expected a URL like"),
+        ("[cluster]\nredis = \"redis://x\"\n", "proxy.toml:4:9: cluster.redis: needs cluster.secret"),
+        ("[cluster]\nredis = \"redis://x\"\nsecret = \"0123456789abcdef\"\nlease = \"10ms\"\n", "proxy.toml:6:9: cluster.lease: must be at least 500ms"),
+        ("[cluster]\nredis = \"redis://x\"\nsecret = \"0123456789abcdef\"\non_unavailable = \"maybe\"\n", "proxy.toml:6:18: cluster.on_unavailable: expected \"fail\" or \"local\""),
+        ("[cluster]\nredis = \"redis://x\"\nsecret = \"0123456789abcdef\"\nnode = \"a b\"\n", "proxy.toml:6:8: cluster.node: expected 1 to 64 letters"),
+        ("[cluster]\nredis = \"redis://x\"\nsecret = \"0123456789abcdef\"\nretention = 0\n", "proxy.toml:6:13: cluster.retention: must be at least 1"),
     ];
     for (extra, expected) in cases {
         let (code, err) = check(&format!("{HEAD}{extra}"));

@@ -48,7 +48,55 @@ pub struct Config {
 pub struct Cluster {
     /// The credential-hash key (`secret`, else `HERALD_CLUSTER_SECRET`); None: random per process.
     pub secret: Option<Secret>,
+    /// Shared topics through Redis (`redis`); None: this node is alone.
+    pub redis: Option<Redis>,
 }
+
+/// `[cluster] redis` and what goes with it (see `cluster`). Its `Debug` shows the URL with any
+/// password masked (a reload compares configs by it).
+#[derive(Clone)]
+pub struct Redis {
+    /// The URL (it may hold a password: never printed).
+    pub url: Secret,
+    /// `HERALD_REDIS_USERNAME` / `HERALD_REDIS_PASSWORD`, when set: they override the URL's.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub node: String,
+    pub prefix: String,
+    pub lease: Duration,
+    pub retention: usize,
+    pub retention_age: Duration,
+    /// Serve alone (in memory) when Redis cannot be reached at startup, rather than fail.
+    pub local_fallback: bool,
+}
+
+impl fmt::Debug for Redis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = reqwest::Url::parse(&self.url.0)
+            .map(|mut u| {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                u.to_string()
+            })
+            .unwrap_or_else(|_| "(invalid)".into());
+        f.debug_struct("Redis")
+            .field("url", &url)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("node", &self.node)
+            .field("prefix", &self.prefix)
+            .field("lease", &self.lease)
+            .field("retention", &self.retention)
+            .field("retention_age", &self.retention_age)
+            .field("local_fallback", &self.local_fallback)
+            .finish()
+    }
+}
+
+/// The environment variables that supply Redis credentials besides the URL.
+pub const REDIS_USERNAME_ENV: &str = "HERALD_REDIS_USERNAME";
+pub const REDIS_PASSWORD_ENV: &str = "HERALD_REDIS_PASSWORD";
 
 /// A secret from the config or the environment: never printed.
 #[derive(Clone, PartialEq, Eq)]

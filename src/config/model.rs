@@ -71,13 +71,45 @@ fn default_admin_listen() -> Spanned<SocketAddr> {
 }
 
 /// What several herald nodes share.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSection {
     /// The key credentials are hashed with into topic keys: the same on every node, so nodes
     /// agree on per-credential topics. Without it (and without `HERALD_CLUSTER_SECRET`) each
     /// process draws a random one.
     pub secret: Option<Spanned<String>>,
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS): nodes share topics through
+    /// this Redis. Without it, the node is alone (the in-memory broker).
+    pub redis: Option<Spanned<String>>,
+    /// This node's name in Redis (leases, presence, the status page); default: `$HOSTNAME`, else
+    /// random.
+    pub node: Option<Spanned<String>>,
+    /// Prefix of every Redis key herald writes.
+    pub prefix: Spanned<String>,
+    /// How long a writer's lease lasts unrenewed: the longest a dead writer's topic goes
+    /// without a poller.
+    pub lease: Spanned<HumanDuration>,
+    /// Events each topic's stream keeps (approximately), for replay on any node.
+    pub retention: Spanned<usize>,
+    /// The oldest event a topic's stream keeps.
+    pub retention_age: Spanned<HumanDuration>,
+    /// Redis unreachable at startup: `"fail"` (exit with an error) or `"local"` (serve alone).
+    pub on_unavailable: Spanned<String>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            secret: None,
+            redis: None,
+            node: None,
+            prefix: Spanned::new(0..0, "herald".into()),
+            lease: Spanned::new(0..0, HumanDuration(Duration::from_secs(10))),
+            retention: Spanned::new(0..0, 1000),
+            retention_age: Spanned::new(0..0, HumanDuration(Duration::from_secs(3600))),
+            on_unavailable: Spanned::new(0..0, "fail".into()),
+        }
+    }
 }
 
 /// What herald logs besides its own events (the format is `--log-format`, the level

@@ -243,6 +243,7 @@ impl Channel {
             age_s: changed_at.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             failing: st.failing.is_some(),
             source: None,
+            writer: None,
         }
     }
 

@@ -337,6 +337,9 @@ pub struct TopicInfo {
     /// What its source has been doing (kind, reads, changes, interval, connection, pokes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<StatsView>,
+    /// The node that writes the topic (a cluster; None: this one, alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 #[derive(Clone)]
@@ -441,7 +444,7 @@ impl Hub {
         let id = key.id();
         let channel = Arc::new(Channel::new(key.clone(), settings.clone()));
         inner.broker.attach(id, &channel);
-        let (feed, updates) = Feed::channel();
+        let (feed, mut updates) = Feed::channel();
         let topic = Arc::new(Topic {
             id,
             route: route.clone(),
@@ -471,19 +474,50 @@ impl Hub {
         let fresh = topic.fresh.clone();
         debug!(topic = %id, "topic opened");
         inner.tracker.spawn(async move {
-            let lease = tokio::select! {
-                _ = cancel.cancelled() => return,
-                l = broker.lead(id) => l,
-            };
-            match lease {
-                Ok(lease) => {
-                    let w = writer::Writer::new(id, resource, settings, broker, lease, fresh);
-                    writer::run(source, target, w, (feed, updates), cancel).await;
+            // In a cluster the lease can be lost (another node took the topic over); this node
+            // then waits to lead again, in case that node goes away while watchers are here.
+            loop {
+                let lease = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    l = broker.lead(id) => l,
+                };
+                match lease {
+                    Ok(lease) => {
+                        let w = writer::Writer::new(
+                            id,
+                            resource.clone(),
+                            settings.clone(),
+                            broker.clone(),
+                            lease,
+                            fresh.clone(),
+                        );
+                        let lost = writer::run(
+                            source.clone(),
+                            target.clone(),
+                            w,
+                            feed.clone(),
+                            &mut updates,
+                            cancel.clone(),
+                        )
+                        .await;
+                        if !lost || cancel.is_cancelled() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(topic = %id, error = %e, "cannot lead the topic");
+                        return;
+                    }
                 }
-                Err(e) => warn!(topic = %id, error = %e, "cannot lead the topic"),
             }
         });
         topic
+    }
+
+    /// Whether history lives outside this process (a cluster): a channel opened here may learn
+    /// its past after it opens.
+    pub fn clustered(&self) -> bool {
+        self.inner.broker.shared_history()
     }
 
     /// Number of live topics.
@@ -506,9 +540,11 @@ impl Hub {
         let topics: Vec<Arc<Topic>> = self.lock_topics().values().cloned().collect();
         topics
             .iter()
-            .map(|t| TopicInfo {
-                source: Some(t.stats.view()),
-                ..t.channel.info()
+            .map(|t| {
+                let mut info = t.channel.info();
+                info.source = Some(t.stats.view());
+                info.writer = self.inner.broker.writer(t.id);
+                info
             })
             .collect()
     }
@@ -577,8 +613,12 @@ impl Hub {
     /// writers.
     pub fn expire_idle(&self, now: Instant) {
         let mut closed = Vec::new();
+        let broker = &self.inner.broker;
         self.lock_topics().retain(|_, topic| {
-            if topic.channel.close_if_idle(now) {
+            // A writer whose watchers left keeps the topic while other nodes watch it (never
+            // one that was refused).
+            let keep = broker.watched_elsewhere(topic.id) && topic.channel.refused().is_none();
+            if !keep && topic.channel.close_if_idle(now) {
                 closed.push(topic.clone());
                 false
             } else {
@@ -589,6 +629,17 @@ impl Hub {
             self.close(&topic);
             debug!(topic = %topic.id, "topic closed: no watchers");
         }
+    }
+
+    /// Close every topic (a clean shutdown, after the streams drained): writers stop and the
+    /// broker hears of it (in a cluster, their leases go to other nodes at once).
+    pub async fn close_all(&self) {
+        let topics: Vec<Arc<Topic>> = self.lock_topics().drain().map(|(_, t)| t).collect();
+        for topic in &topics {
+            topic.channel.close();
+            self.close(topic);
+        }
+        self.inner.broker.flush().await;
     }
 
     fn close(&self, topic: &Topic) {

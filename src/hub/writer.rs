@@ -18,17 +18,25 @@ use crate::diff::{self, Change};
 use crate::routes::TopicId;
 use crate::source::{Document, Feed, Source, SourceError, Target, Update};
 
-/// Run a topic: its source feeds its writer until `cancel` fires or the upstream refuses the
-/// topic's credentials (which ends the topic).
+/// Run a topic: its source feeds its writer until `cancel` fires, the upstream refuses the
+/// topic's credentials (which ends the topic) or the lease is lost (true: the source stops too,
+/// another node writes the topic now).
 pub(super) async fn run(
     source: Arc<dyn Source>,
     target: Target,
     writer: Writer,
-    (feed, updates): (Feed, mpsc::Receiver<Update>),
+    feed: Feed,
+    updates: &mut mpsc::Receiver<Update>,
     cancel: CancellationToken,
-) {
-    let reading = source.run(target, feed, cancel.clone());
-    tokio::join!(reading, writer.run(updates, cancel));
+) -> bool {
+    let stop = cancel.child_token();
+    let reading = source.run(target, feed, stop.clone());
+    let writing = async {
+        let lost = writer.run(updates, cancel).await;
+        stop.cancel();
+        lost
+    };
+    tokio::join!(reading, writing).1
 }
 
 pub(super) struct Writer {
@@ -40,6 +48,9 @@ pub(super) struct Writer {
     doc: Option<Arc<Doc>>,
     changed_at: SystemTime,
     failing: bool,
+    /// The broker could not take the last event (its store was unreachable): the next read
+    /// republishes the whole state, so nobody keeps a state that missed a change.
+    unsent: bool,
     /// The newest change held back by coalescing, and when the last one went out.
     held: Option<Document>,
     last_sent: Option<Instant>,
@@ -72,20 +83,26 @@ impl Writer {
             doc: None,
             changed_at: SystemTime::now(),
             failing: false,
+            unsent: false,
             held: None,
             last_sent: None,
             fresh,
         }
     }
 
-    async fn run(mut self, mut updates: mpsc::Receiver<Update>, cancel: CancellationToken) {
+    /// Returns true when it stopped because the lease was lost.
+    async fn run(
+        mut self,
+        updates: &mut mpsc::Receiver<Update>,
+        cancel: CancellationToken,
+    ) -> bool {
         loop {
             let due = self.due();
             let flow = tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.lease.lost() => {
                     debug!(topic = %self.id, "lease lost: another node writes this topic");
-                    break;
+                    return true;
                 }
                 u = updates.recv() => match u {
                     Some(u) => self.offer(u, Instant::now()).await,
@@ -100,6 +117,7 @@ impl Writer {
                 break;
             }
         }
+        false
     }
 
     /// When the held change is due, if any.
@@ -127,7 +145,7 @@ impl Writer {
             // The held change is newer news than "unchanged"; it goes out when the window ends.
             Update::Unchanged if self.held.is_some() => Flow::Continue,
             Update::Unchanged => {
-                if self.failing {
+                if self.failing || self.unsent {
                     self.recovered().await;
                 }
                 self.fresh.mark();
@@ -187,7 +205,9 @@ impl Writer {
             Some(d) => Arc::new(d),
             None => return Flow::Continue,
         };
-        let was_failing = std::mem::take(&mut self.failing);
+        // After a failure, or an event the broker did not take, watchers get the whole state.
+        let unsent = std::mem::take(&mut self.unsent);
+        let was_failing = std::mem::take(&mut self.failing) || unsent;
         let old = self.doc.clone();
         if old.as_deref() == Some(&*new) {
             if was_failing {
@@ -302,8 +322,12 @@ impl Writer {
             changed_at: self.changed_at,
             made: StdInstant::now(),
         };
-        if let Err(e) = self.broker.publish(self.id, &self.lease, draft).await {
-            warn!(topic = %self.id, error = %e, "event not published");
+        match self.broker.publish(self.id, &self.lease, draft).await {
+            Ok(_) => self.unsent = false,
+            Err(e) => {
+                self.unsent = matches!(e, super::BrokerError::Unavailable(_));
+                warn!(topic = %self.id, error = %e, "event not published");
+            }
         }
     }
 }

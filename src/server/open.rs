@@ -174,10 +174,11 @@ pub(super) fn subscribe(
 const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(10);
 
 /// Wait (bounded) until a per-credential topic has answered: its first event, or a refusal.
-/// Shared topics are never refused, so nothing is waited for.
-async fn first_answer(sub: &Subscription) {
+/// Shared topics are never refused, so nothing is waited for, unless `resuming` (a stream with a
+/// `Last-Event-ID` in a cluster, whose new channel learns its past from the shared history).
+async fn first_answer(sub: &Subscription, resuming: bool) {
     let channel = &sub.topic.channel;
-    if !channel.settings().per_credential || channel.settled() {
+    if (!channel.settings().per_credential && !resuming) || channel.settled() {
         return;
     }
     let limit = sub.topic.route.config.timeout.min(FIRST_ANSWER_WAIT);
@@ -229,12 +230,12 @@ pub async fn single(
         Ok(s) => s,
         Err(refused) => return refused.response(),
     };
-    first_answer(&sub).await;
+    let last = req.last_event_id();
+    first_answer(&sub, last.is_some() && svc.hub.clustered()).await;
     if let Some(status) = sub.topic.channel.refused() {
         debug!(route = %target.route.template, status, "stream refused by the upstream");
         return refusal(status).response();
     }
-    let last = req.last_event_id();
     let cursor = sub
         .topic
         .channel
@@ -283,7 +284,8 @@ pub async fn mux(
     }
     // Each watch's first answer, together: if the upstream refuses every one, the request is
     // refused; a stream with some left goes on and tells the client which were refused.
-    futures_util::future::join_all(subs.iter().map(|(sub, _)| first_answer(sub))).await;
+    let resuming = req.last_event_id().is_some() && svc.hub.clustered();
+    futures_util::future::join_all(subs.iter().map(|(sub, _)| first_answer(sub, resuming))).await;
     let refused: Vec<u16> = subs
         .iter()
         .filter_map(|(sub, _)| sub.topic.channel.refused())

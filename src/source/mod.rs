@@ -111,7 +111,7 @@ impl SourceError {
 }
 
 /// The topic a source is asked to feed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Target {
     pub route: Arc<Route>,
     /// The upstream path and canonical query (`/api/builds/42?page=2`).

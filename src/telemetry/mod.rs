@@ -109,7 +109,32 @@ pub struct Metrics {
     /// Handles per route template, made on first use; a route that keeps its path across a reload
     /// keeps its series.
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
+    /// What the cluster broker counts (zero without `[cluster] redis`).
+    pub cluster: ClusterMetrics,
 }
+
+/// The cluster broker's handles (`cluster`): cheap clones of shared atomics.
+#[derive(Debug, Clone)]
+pub struct ClusterMetrics {
+    /// Topic leases this node holds now (topics it writes).
+    pub leases_held: Gauge,
+    /// Leases taken of topics another node had written.
+    pub takeovers: Counter,
+    /// Events this node appended to Redis streams.
+    pub events_written: Counter,
+    /// Events this node read from Redis streams (other nodes' and its own).
+    pub events_read: Counter,
+    /// Time from an event's append to its read here, in milliseconds (the newest read).
+    pub stream_lag_ms: Gauge,
+    /// Redis command round trips (lease, publish, presence).
+    pub rtt: AtomicHistogram,
+    /// Redis commands that failed (unreachable, timed out, refused).
+    pub errors: Counter,
+}
+
+const REDIS_BUCKETS: &[f64] = &[
+    0.000_25, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,6 +176,15 @@ impl Metrics {
             gets: Family::default(),
             upstream_budget_waits: Counter::default(),
             routes: Mutex::new(HashMap::new()),
+            cluster: ClusterMetrics {
+                leases_held: Gauge::default(),
+                takeovers: Counter::default(),
+                events_written: Counter::default(),
+                events_read: Counter::default(),
+                stream_lag_ms: Gauge::default(),
+                rtt: AtomicHistogram::new(REDIS_BUCKETS),
+                errors: Counter::default(),
+            },
         };
         let r = &mut m.registry;
         r.register(
@@ -232,6 +266,42 @@ impl Metrics {
             "proxy_tunnels_open",
             "Tunnels open now",
             m.tunnels_open.clone(),
+        );
+        let c = &m.cluster;
+        r.register(
+            "cluster_leases_held",
+            "Topics this node writes now (cluster leases held)",
+            c.leases_held.clone(),
+        );
+        r.register(
+            "cluster_takeovers",
+            "Leases taken of topics another node had written",
+            c.takeovers.clone(),
+        );
+        r.register(
+            "cluster_events_written",
+            "Events appended to Redis streams by this node",
+            c.events_written.clone(),
+        );
+        r.register(
+            "cluster_events_read",
+            "Events read from Redis streams by this node",
+            c.events_read.clone(),
+        );
+        r.register(
+            "cluster_stream_lag_ms",
+            "Milliseconds from the newest event's append to its read by this node",
+            c.stream_lag_ms.clone(),
+        );
+        r.register(
+            "cluster_redis_rtt_seconds",
+            "Round-trip time of Redis commands (leases, appends, presence)",
+            c.rtt.clone(),
+        );
+        r.register(
+            "cluster_redis_errors",
+            "Redis commands that failed (unreachable, timed out, refused)",
+            c.errors.clone(),
         );
         r.register(
             "upstream_budget_waits",
