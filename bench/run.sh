@@ -40,7 +40,10 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap 'cleanup; rm -rf "$TMP"' EXIT
 
-H_PORT=18080; UP_PORT=13000; NCHAN_PORT=18081; NODE_PORT=18082; FLOOR_PORT=18090
+# Ports can be moved (H_PORT=28080 UP_PORT=23000 ...) when another run shares the machine: wait_port
+# only sees that something listens, so two runs on the same ports would measure each other.
+H_PORT=${H_PORT:-18080}; UP_PORT=${UP_PORT:-13000}; NCHAN_PORT=${NCHAN_PORT:-18081}
+NODE_PORT=${NODE_PORT:-18082}; FLOOR_PORT=${FLOOR_PORT:-18090}
 
 # Scenario parameters: streams, topics, change rate per topic (/s), body size, herald's poll
 # interval, hold seconds, protocol, gzip, churn lifetime, workers.
