@@ -5,6 +5,10 @@
 #
 #   bench/run.sh <scenario> [--quick] [--reps N] [--servers "herald nchan node floor"]
 #
+# `herald-before` is a second herald binary run as one more server with the same config and
+# upstream, e.g. an older commit's build, for before/after in one run:
+#   HERALD_BEFORE=/path/to/old/herald bench/run.sh idle-5k --servers "herald herald-before"
+#
 # Scenarios: idle-1k idle-5k idle-18k idle-h2 fanout fanout-10k topics gzip churn
 # Needs a release build (cargo build --release --bins) and bench/setup.sh's packages.
 set -euo pipefail
@@ -27,13 +31,19 @@ done
 BIN=$ROOT/target/release
 BENCH=$BIN/herald-bench
 [ -x "$BIN/herald" ] && [ -x "$BENCH" ] || { echo "cargo build --release --bins first" >&2; exit 1; }
+case " $SERVERS " in
+  *" herald-before "*) [ -x "${HERALD_BEFORE:-}" ] || { echo "herald-before needs HERALD_BEFORE=<herald binary>" >&2; exit 1; } ;;
+esac
 TMP=$(mktemp -d /tmp/herald-bench.XXXXXX)
 ROWS=$TMP/rows.jsonl
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap 'cleanup; rm -rf "$TMP"' EXIT
 
-H_PORT=18080; UP_PORT=13000; NCHAN_PORT=18081; NODE_PORT=18082; FLOOR_PORT=18090
+# Ports can be moved (H_PORT=28080 UP_PORT=23000 ...) when another run shares the machine: wait_port
+# only sees that something listens, so two runs on the same ports would measure each other.
+H_PORT=${H_PORT:-18080}; UP_PORT=${UP_PORT:-13000}; NCHAN_PORT=${NCHAN_PORT:-18081}
+NODE_PORT=${NODE_PORT:-18082}; FLOOR_PORT=${FLOOR_PORT:-18090}
 
 # Scenario parameters: streams, topics, change rate per topic (/s), body size, herald's poll
 # interval, hold seconds, protocol, gzip, churn lifetime, workers.
@@ -94,11 +104,12 @@ TOML
 start_server() {
   local name=$1
   case $name in
-    herald|herald-gzip)
+    herald|herald-gzip|herald-before)
+      local bin=$BIN/herald; [ "$name" = herald-before ] && bin=$HERALD_BEFORE
       start "$BENCH" upstream --listen 127.0.0.1:$UP_PORT --rate "$UP_RATE" --size $SIZE 2>/dev/null
       wait_port $UP_PORT
       herald_config
-      start env ${HERALD_ENV:-} "$BIN/herald" --config "$TMP/herald.toml" --log-format json >"$TMP/herald.log" 2>&1
+      start env ${HERALD_ENV:-} "$bin" --config "$TMP/herald.toml" --log-format json >"$TMP/herald.log" 2>&1
       SPID=$LAST; wait_port $H_PORT
       TARGET=http://127.0.0.1:$H_PORT; PATH_T="/topic/{n}"; ENVELOPE=true ;;
     nchan)
@@ -150,6 +161,10 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 SUMMARY=$("$BENCH" summarize --file "$ROWS")
 PU_TEXT=""
+case " $SERVERS " in
+  *" herald-before "*) BEFORE_TEXT="
+herald-before: \`$HERALD_BEFORE\`, commit $(git -C "$(dirname "$HERALD_BEFORE")" rev-parse --short HEAD 2>/dev/null || echo unknown)." ;;
+esac
 [ "$PER_USER" != 0 ] && PU_TEXT=" ($PER_USER of them per-user: 10 users x $((PER_USER / 10)) paths, each user's own Authorization)"
 REPORT=$(cat <<MD
 
@@ -159,7 +174,7 @@ REPORT=$(cat <<MD
 ${SIZE} B bodies, herald polls every ${POLL} ms, hold ${HOLD} s, churn ${CHURN} s, $REPS run(s) each.
 Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), kernel $(uname -r),
 $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Commit ${BENCH_COMMIT:-$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src bench || echo ' + uncommitted changes')}.
-Load average before/after: $LOAD_BEFORE / $LOAD_AFTER.
+Load average before/after: $LOAD_BEFORE / $LOAD_AFTER.${BEFORE_TEXT:-}
 
 $SUMMARY
 MD
