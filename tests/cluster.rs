@@ -697,3 +697,54 @@ async fn a_writer_that_shuts_down_cleanly_hands_its_topic_over_at_once() {
     }
     up.stop().await;
 }
+
+#[tokio::test]
+async fn a_multiplexed_stream_resumes_on_another_node() {
+    let redis = TestRedis::start();
+    let up = TestUpstream::start().await;
+    let body = |id: u64, n: u64| json!({"id": id, "n": n, "pad": "p".repeat(200)});
+    up.set_json("/api/builds/1", body(1, 0));
+    up.set_json("/api/builds/2", body(2, 0));
+    let nodes = three_nodes(&up, &redis, &build_route("50ms")).await;
+    let mux = "/_herald/stream?watch=/api/builds/1&watch=/api/builds/2";
+    let topic = |ev: &SseEvent| ev.json()["topic"].as_str().unwrap_or("").to_string();
+    // The observer (node 2) keeps both topics alive and sees everything.
+    let mut observer = SseClient::connect(&nodes[1].url(mux), None).await;
+    let mut client = SseClient::connect(&nodes[0].url(mux), None).await;
+    for c in [&mut observer, &mut client] {
+        assert_eq!(c.expect_event("hello", T).await.event, "hello");
+        let mut seen = HashSet::new();
+        while seen.len() < 2 {
+            seen.insert(topic(&c.expect_event("a snapshot", T).await));
+        }
+    }
+    let last = client.last_event_id().expect("a multiplexed id");
+    drop(client);
+
+    let mut missed = Vec::new();
+    for n in 1..=2 {
+        up.set_json("/api/builds/1", body(1, n));
+        missed.push(observer.expect_event("a change of topic 1", T).await);
+    }
+    // Node 3 never had either topic.
+    let mut back = SseClient::connect(&nodes[2].url(mux), Some(&last)).await;
+    assert_eq!(back.expect_event("hello", T).await.event, "hello");
+    for want in &missed {
+        let got = back.expect_event("a missed event", T).await;
+        assert_eq!(topic(&got), "/api/builds/1");
+        assert_eq!(
+            (got.event.as_str(), got.data.as_str()),
+            (want.event.as_str(), want.data.as_str())
+        );
+    }
+    assert!(
+        back.next_event(Duration::from_millis(500)).await.is_none(),
+        "topic 2 missed nothing: nothing is sent for it"
+    );
+
+    drop((observer, back));
+    for n in nodes {
+        n.stop().await;
+    }
+    up.stop().await;
+}
