@@ -37,7 +37,7 @@ pub struct RedisBroker {
 }
 
 /// What the broker, its lease renewals, its reader and its presence task share.
-pub(crate) struct Shared {
+struct Shared {
     node: String,
     prefix: String,
     lease: Duration,
@@ -421,7 +421,7 @@ impl RedisBroker {
 }
 
 /// Exponential backoff with jitter, for retries against Redis.
-pub(crate) struct Backoff {
+struct Backoff {
     next: Duration,
     max: Duration,
 }
@@ -447,7 +447,7 @@ impl Backoff {
 }
 
 /// `d` give or take a quarter, so nodes do not retry in step.
-pub(crate) fn jitter(d: Duration) -> Duration {
+fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.75 + rand::random::<f64>() / 2.0)
 }
 
