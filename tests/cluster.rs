@@ -697,3 +697,163 @@ async fn a_writer_that_shuts_down_cleanly_hands_its_topic_over_at_once() {
     }
     up.stop().await;
 }
+
+#[tokio::test]
+async fn a_multiplexed_stream_resumes_on_another_node() {
+    let redis = TestRedis::start();
+    let up = TestUpstream::start().await;
+    let body = |id: u64, n: u64| json!({"id": id, "n": n, "pad": "p".repeat(200)});
+    up.set_json("/api/builds/1", body(1, 0));
+    up.set_json("/api/builds/2", body(2, 0));
+    let nodes = three_nodes(&up, &redis, &build_route("50ms")).await;
+    let mux = "/_herald/stream?watch=/api/builds/1&watch=/api/builds/2";
+    let topic = |ev: &SseEvent| ev.json()["topic"].as_str().unwrap_or("").to_string();
+    // The observer (node 2) keeps both topics alive and sees everything.
+    let mut observer = SseClient::connect(&nodes[1].url(mux), None).await;
+    let mut client = SseClient::connect(&nodes[0].url(mux), None).await;
+    for c in [&mut observer, &mut client] {
+        assert_eq!(c.expect_event("hello", T).await.event, "hello");
+        let mut seen = HashSet::new();
+        while seen.len() < 2 {
+            seen.insert(topic(&c.expect_event("a snapshot", T).await));
+        }
+    }
+    let last = client.last_event_id().expect("a multiplexed id");
+    drop(client);
+
+    let mut missed = Vec::new();
+    for n in 1..=2 {
+        up.set_json("/api/builds/1", body(1, n));
+        missed.push(observer.expect_event("a change of topic 1", T).await);
+    }
+    // Node 3 never had either topic.
+    let mut back = SseClient::connect(&nodes[2].url(mux), Some(&last)).await;
+    assert_eq!(back.expect_event("hello", T).await.event, "hello");
+    for want in &missed {
+        let got = back.expect_event("a missed event", T).await;
+        assert_eq!(topic(&got), "/api/builds/1");
+        assert_eq!(
+            (got.event.as_str(), got.data.as_str()),
+            (want.event.as_str(), want.data.as_str())
+        );
+    }
+    assert!(
+        back.next_event(Duration::from_millis(500)).await.is_none(),
+        "topic 2 missed nothing: nothing is sent for it"
+    );
+
+    drop((observer, back));
+    for n in nodes {
+        n.stop().await;
+    }
+    up.stop().await;
+}
+
+/// A writer that lost its lease (paused while another node took over) can never append: the
+/// append script checks the lease token, the old writer is told, and the ids go on from the new
+/// writer's appends only.
+#[tokio::test]
+async fn a_writer_whose_lease_was_taken_is_fenced() {
+    use herald::hub::{Broker, BrokerError, Channel, Draft, EventKind, TopicSettings};
+    let redis = TestRedis::start();
+    let up = TestUpstream::start().await;
+    let cfg = |node: &str| {
+        config(
+            &up.url(),
+            &format!(
+                "[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nsecret = \"{SECRET}\"\nlease = \"1s\"\n",
+                redis.url()
+            ),
+        )
+        .cluster
+        .redis
+        .unwrap()
+    };
+    let metrics = std::sync::Arc::new(herald::telemetry::Metrics::new());
+    let (cancel, tracker) = (
+        CancellationToken::new(),
+        tokio_util::task::TaskTracker::new(),
+    );
+    let (cfg_a, cfg_b) = (cfg("a"), cfg("b"));
+    let connect = |cfg| {
+        herald::cluster::RedisBroker::connect(
+            cfg,
+            metrics.cluster.clone(),
+            cancel.clone(),
+            &tracker,
+        )
+    };
+    let (a, b) = (
+        connect(&cfg_a).await.unwrap(),
+        connect(&cfg_b).await.unwrap(),
+    );
+    let key = herald::routes::TopicKey {
+        route: "/t".into(),
+        resource: "/t".into(),
+        vary: 0,
+    };
+    let settings = std::sync::Arc::new(TopicSettings {
+        diff_mode: herald::diff::Mode::Snapshot,
+        diff_options: Default::default(),
+        history: 100,
+        history_bytes: 1 << 20,
+        grace: Duration::from_secs(1),
+        min_interval: Duration::ZERO,
+        metrics: metrics.route("/t"),
+        per_credential: false,
+        refuse: Default::default(),
+    });
+    let id = key.id();
+    let (ca, cb) = (
+        std::sync::Arc::new(Channel::new(key.clone(), settings.clone())),
+        std::sync::Arc::new(Channel::new(key, settings)),
+    );
+    a.attach(id, &ca);
+    b.attach(id, &cb);
+    let draft = |n: u64| Draft {
+        kind: EventKind::Snapshot,
+        envelope: format!("{{\"n\":{n}}}").into_bytes(),
+        doc: None,
+        changed_at: std::time::SystemTime::now(),
+        made: Instant::now(),
+    };
+    let lease_a = a.lead(id).await.unwrap();
+    let p1 = a.publish(id, &lease_a, draft(1)).await.unwrap();
+
+    // A pauses; its lease disappears as if it had run out; B takes the topic over.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("herald:{{{id}}}:lease");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let lease_b = tokio::time::timeout(T, b.lead(id)).await.unwrap().unwrap();
+    let p2 = b.publish(id, &lease_b, draft(2)).await.unwrap();
+    assert_eq!((p2.epoch, p2.seq), (p1.epoch, p1.seq + 1), "ids go on");
+
+    // A wakes up and tries with the token it holds, before its renewal noticed anything: the
+    // append script refuses it (the fencing is Redis's, not the node's own bookkeeping).
+    let stale = herald::hub::Lease::new(lease_a.token, CancellationToken::new());
+    assert_eq!(
+        a.publish(id, &stale, draft(3)).await,
+        Err(BrokerError::Fenced)
+    );
+    // And the writer is told: its lease is lost, any later try is refused too.
+    assert!(eventually(T, || lease_a.is_lost()).await);
+    assert_eq!(
+        a.publish(id, &lease_a, draft(3)).await,
+        Err(BrokerError::Fenced)
+    );
+    let p3 = b.publish(id, &lease_b, draft(4)).await.unwrap();
+    assert_eq!(p3.seq, p2.seq + 1, "A's attempt took no id");
+    let len: i64 = redis::cmd("XLEN")
+        .arg(format!("herald:{{{id}}}:events"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 3);
+    cancel.cancel();
+    up.stop().await;
+}
