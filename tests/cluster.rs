@@ -802,6 +802,7 @@ async fn a_writer_whose_lease_was_taken_is_fenced() {
         metrics: metrics.route("/t"),
         per_credential: false,
         refuse: Default::default(),
+        pass_through: false,
     });
     let id = key.id();
     let (ca, cb) = (
