@@ -396,7 +396,7 @@ impl Hub {
             channel,
             cancel: inner.cancel.child_token(),
             poke: Arc::new(Notify::new()),
-            stats: Arc::new(TopicStats::default()),
+            stats: Arc::new(TopicStats::new(settings.metrics.clone())),
             feed: feed.clone(),
             key,
             _budget: budget,
