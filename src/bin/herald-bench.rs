@@ -675,6 +675,10 @@ fn coordinate(
         if let (Some((u0, c0)), Some((u1, c1))) = (first.upstream, last.upstream) {
             let reqs = u1.saturating_sub(u0) as f64;
             row.push(("upstream req/s", format!("{:.1}", reqs / hold.max(0.001))));
+            row.push((
+                "upstream req/hour",
+                format!("{:.0}", reqs / hold.max(0.001) * 3600.0),
+            ));
             if let Some(ms) = sampling.poll_interval_ms {
                 let intervals = (hold * 1000.0 / ms.max(1) as f64).max(0.001);
                 row.push(("upstream req/interval", format!("{:.0}", reqs / intervals)));
@@ -760,6 +764,7 @@ const SUMMARY: &[&str] = &[
     "fds after",
     "upstream req/interval",
     "per-user req/interval",
+    "upstream req/hour",
 ];
 
 fn summarize(file: &std::path::Path) -> Result<()> {
