@@ -9,7 +9,7 @@
 # upstream, e.g. an older commit's build, for before/after in one run:
 #   HERALD_BEFORE=/path/to/old/herald bench/run.sh idle-5k --servers "herald herald-before"
 #
-# Scenarios: idle-1k idle-5k idle-18k idle-h2 fanout fanout-10k topics gzip churn
+# Scenarios: idle-1k idle-5k idle-18k idle-h2 fanout fanout-10k topics gzip churn sources still
 # Needs a release build (cargo build --release --bins) and bench/setup.sh's packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,9 +68,18 @@ case "$SCENARIO" in
   churn)      STREAMS=2000;  TOPICS=20;   RATE=1;   HOLD=600; POLL=1000; CHURN=5
               [ $QUICK = 1 ] && HOLD=60
               SERVERS=$(echo "$SERVERS" | sed 's/floor//') ;;
+  # Upstream change -> client latency by source: polling every 50 ms, an upstream SSE stream,
+  # and a backend that publishes each new state (README "Sources").
+  sources)    STREAMS=5000;  TOPICS=1;    RATE=10;  HOLD=20; POLL=50
+              SERVERS="herald-poll herald-sse herald-publish" ;;
+  # Upstream requests for a resource that never changes: fixed interval vs adaptive polling
+  # (max_interval 60x the interval), read from "upstream req/s" (x 3600 = requests per hour).
+  still)      STREAMS=100;   TOPICS=1;    RATE=0;   HOLD=120; POLL=100; MAX_INTERVAL=6000
+              [ $QUICK = 1 ] && HOLD=60
+              SERVERS="herald herald-adaptive" ;;
   *) echo "unknown scenario $SCENARIO" >&2; exit 64 ;;
 esac
-if [ $QUICK = 1 ] && [ "$SCENARIO" != churn ]; then HOLD=10; fi
+if [ $QUICK = 1 ] && [ "$SCENARIO" != churn ] && [ "$SCENARIO" != still ]; then HOLD=10; fi
 RAMP_S=$(( STREAMS / RAMP + 1 ))
 RUN_S=$(( RAMP_S + HOLD + 15 ))
 # An idle scenario still needs a body that never changes during the run.
@@ -90,9 +99,11 @@ upstream = "http://127.0.0.1:$UP_PORT"
 max_new_streams_per_sec = 0
 max_streams_per_ip = 0
 max_streams_per_credential = 0
+${TOP_EXTRA:-}
 [[route]]
 path = "/topic/{n}"
-interval = "${POLL}ms"
+interval = "${R_INTERVAL:-${POLL}ms}"
+${ROUTE_EXTRA:-}
 TOML
   # Extra herald settings for a run, e.g. HERALD_TOML=$'[sse]\nhistory = 16' for a churn run whose
   # memory must be flat from the first minute (the default history fills for ~17 minutes).
@@ -104,9 +115,19 @@ TOML
 start_server() {
   local name=$1
   case $name in
-    herald|herald-gzip|herald-before)
+    herald|herald-gzip|herald-before|herald-poll|herald-sse|herald-publish|herald-adaptive)
       local bin=$BIN/herald; [ "$name" = herald-before ] && bin=$HERALD_BEFORE
-      start "$BENCH" upstream --listen 127.0.0.1:$UP_PORT --rate "$UP_RATE" --size $SIZE 2>/dev/null
+      local up_extra=() token=bench-publish-token-0123456789
+      TOP_EXTRA=""; ROUTE_EXTRA=""; R_INTERVAL=""
+      case $name in
+        herald-sse) ROUTE_EXTRA='source = { kind = "sse", path = "/topic/{n}/events" }' ;;
+        herald-publish)
+          TOP_EXTRA=$'[publish]\ntoken = "'$token$'"\npath = "/_herald/publish"'
+          ROUTE_EXTRA='share = "all"'; R_INTERVAL=60s
+          up_extra=(--publish-url "http://127.0.0.1:$H_PORT/_herald/publish" --publish-token "$token" --topics "$TOPICS") ;;
+        herald-adaptive) ROUTE_EXTRA="max_interval = \"${MAX_INTERVAL}ms\"" ;;
+      esac
+      start "$BENCH" upstream --listen 127.0.0.1:$UP_PORT --rate "$UP_RATE" --size $SIZE "${up_extra[@]}" 2>/dev/null
       wait_port $UP_PORT
       herald_config
       start env ${HERALD_ENV:-} "$bin" --config "$TMP/herald.toml" --log-format json >"$TMP/herald.log" 2>&1

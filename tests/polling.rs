@@ -1,4 +1,5 @@
-//! Polling that spares the upstream: `Retry-After` honoured, adaptive backoff on a still resource
+//! Polling that spares the upstream: `Retry-After` honoured, `Cache-Control: max-age` as a floor
+//! where configured, adaptive backoff on a still resource
 //! and its return on a change, and 1,000 per-user topics against an upstream that counts
 //! concurrent requests: the `[polling]` cap and rate hold, and every topic is still refreshed.
 
@@ -47,6 +48,48 @@ async fn retry_after_is_honoured() {
     let ev = w.expect_event("the recovered state", WAIT).await;
     assert_eq!(ev.event, "snapshot");
     assert!(started.elapsed() >= Duration::from_secs(2));
+    herald.stop().await;
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn cache_control_max_age_is_a_floor_where_configured() {
+    let upstream = TestUpstream::start().await;
+    let cached = Reply::json(json!({ "v": 1 })).header("cache-control", "public, max-age=2");
+    upstream.set("/cached", cached.clone());
+    upstream.set("/uncached", cached);
+    let herald = start_herald(config(
+        &upstream.url(),
+        r#"
+[[route]]
+path = "/cached"
+interval = "50ms"
+share = "all"
+honor_cache_control = true
+
+[[route]]
+path = "/uncached"
+interval = "50ms"
+share = "all"
+"#,
+    ))
+    .await;
+    let started = Instant::now();
+    let mut a = SseClient::connect(&herald.url("/cached"), None).await;
+    let mut b = SseClient::connect(&herald.url("/uncached"), None).await;
+    a.expect_event("the snapshot", WAIT).await;
+    b.expect_event("the snapshot", WAIT).await;
+    tokio::time::sleep_until(started + Duration::from_millis(1500)).await;
+    assert_eq!(
+        upstream.hits("/cached"),
+        1,
+        "no poll before max-age ran out"
+    );
+    assert!(
+        upstream.hits("/uncached") >= 5,
+        "without honor_cache_control the interval rules: {}",
+        upstream.hits("/uncached")
+    );
     herald.stop().await;
     upstream.stop().await;
 }

@@ -126,6 +126,12 @@ async fn a_poke_makes_the_next_poll_happen_within_50ms() {
     assert!(best < Duration::from_millis(50), "poke to poll: {best:?}");
     let info = herald.hub.topics_info();
     assert_eq!(info[0].source.as_ref().unwrap().pokes, 5);
+    let metrics = herald.scrape().await;
+    assert_eq!(
+        metrics.get("herald_source_pokes_total{route=\"/shared/{id}\"}"),
+        5.0
+    );
+    assert!(metrics.get("herald_source_changes_total{route=\"/shared/{id}\"}") >= 5.0);
     herald.stop().await;
     upstream.stop().await;
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{config, start_herald, SseClient};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -146,8 +147,10 @@ impl PushUpstream {
 
 fn sse_event(id: Option<u64>, n: u64) -> String {
     let id = id.map_or(String::new(), |i| format!("id: {i}\n"));
+    // Odd events carry a name of their own (a pass route keeps it in the envelope).
+    let name = if n % 2 == 1 { "event: odd\n" } else { "" };
     format!(
-        "{id}data: {{\"n\":{n},\"pad\":\"{}\"}}\n\n",
+        "{id}{name}data: {{\"n\":{n},\"pad\":\"{}\"}}\n\n",
         "x".repeat(100)
     )
 }
@@ -219,7 +222,15 @@ source = { kind = "sse", mode = "pass" }
         while seen.len() < 10 {
             let ev = client.expect_event("an upstream event", WAIT).await;
             assert_eq!(ev.event, "message", "passed through: {ev:?}");
-            seen.push(data(&ev)["n"].as_u64().unwrap());
+            let n = data(&ev)["n"].as_u64().unwrap();
+            let name = ev.json()["event"].clone();
+            let want = if n % 2 == 1 {
+                json!("odd")
+            } else {
+                json!(null)
+            };
+            assert_eq!(name, want, "the upstream's event name: {}", ev.data);
+            seen.push(n);
             ids.push(ev.id.clone().unwrap());
         }
         assert_eq!(seen, (1..=10).collect::<Vec<_>>(), "once each, in order");

@@ -177,6 +177,15 @@ enum Cmd {
         /// Approximate body size in bytes.
         #[arg(long, default_value_t = 200)]
         size: usize,
+        /// Also publish every change to herald: `POST <url>` with `{"resource": "/topic/{n}",
+        /// "data": <body>}` for each of `--topics` topics (a backend that publishes its writes).
+        #[arg(long)]
+        publish_url: Option<String>,
+        /// The bearer token for `--publish-url`.
+        #[arg(long, default_value = "")]
+        publish_token: String,
+        #[arg(long, default_value_t = 1)]
+        topics: usize,
     },
     /// Publish changing bodies to a push server's publish endpoint.
     Publish {
@@ -238,7 +247,19 @@ fn main() -> Result<()> {
             let spec: WorkerSpec = serde_json::from_str(&spec).context("worker spec")?;
             runtime()?.block_on(worker(spec))
         }
-        Cmd::Upstream { listen, rate, size } => runtime()?.block_on(upstream(listen, rate, size)),
+        Cmd::Upstream {
+            listen,
+            rate,
+            size,
+            publish_url,
+            publish_token,
+            topics,
+        } => runtime()?.block_on(upstream(
+            listen,
+            rate,
+            size,
+            publish_url.map(|url| (url, publish_token, topics)),
+        )),
         Cmd::Publish {
             url,
             topics,
@@ -654,6 +675,10 @@ fn coordinate(
         if let (Some((u0, c0)), Some((u1, c1))) = (first.upstream, last.upstream) {
             let reqs = u1.saturating_sub(u0) as f64;
             row.push(("upstream req/s", format!("{:.1}", reqs / hold.max(0.001))));
+            row.push((
+                "upstream req/hour",
+                format!("{:.0}", reqs / hold.max(0.001) * 3600.0),
+            ));
             if let Some(ms) = sampling.poll_interval_ms {
                 let intervals = (hold * 1000.0 / ms.max(1) as f64).max(0.001);
                 row.push(("upstream req/interval", format!("{:.0}", reqs / intervals)));
@@ -739,6 +764,7 @@ const SUMMARY: &[&str] = &[
     "fds after",
     "upstream req/interval",
     "per-user req/interval",
+    "upstream req/hour",
 ];
 
 fn summarize(file: &std::path::Path) -> Result<()> {
@@ -1264,19 +1290,50 @@ impl EventParser {
 // ---------------------------------------------------------------------------------------------
 // Upstream, publisher, floor
 
-async fn upstream(listen: SocketAddr, rate: f64, size: usize) -> Result<()> {
+/// The bench's legacy API: `/topic/{n}` answers the current body (polls); `/topic/{n}/events`
+/// streams every change as an SSE event (`id:` = its sequence; herald's `kind = "sse"`); with
+/// `publish`, each change is also POSTed to herald's publish endpoint.
+async fn upstream(
+    listen: SocketAddr,
+    rate: f64,
+    size: usize,
+    publish: Option<(String, String, usize)>,
+) -> Result<()> {
+    use http_body_util::combinators::BoxBody;
     let listener = TcpListener::bind(listen).await?;
     eprintln!("bench upstream on http://{}", listener.local_addr()?);
     let seq = Arc::new(AtomicU64::new(0));
     let current = Arc::new(Mutex::new(Bytes::from(body(0, size))));
+    let (changes, _) = tokio::sync::broadcast::channel::<(u64, Bytes)>(64);
     {
-        let (seq, current) = (seq.clone(), current.clone());
+        let (seq, current, changes) = (seq.clone(), current.clone(), changes.clone());
+        let client = reqwest::Client::new();
         tokio::spawn(async move {
             let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
             loop {
                 t.tick().await;
                 let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
-                *current.lock().unwrap_or_else(|p| p.into_inner()) = Bytes::from(body(n, size));
+                let b = Bytes::from(body(n, size));
+                *current.lock().unwrap_or_else(|p| p.into_inner()) = b.clone();
+                let _ = changes.send((n, b.clone()));
+                if let Some((url, token, topics)) = &publish {
+                    for t in 0..(*topics).max(1) {
+                        let msg = format!(
+                            "{{\"resource\":\"/topic/{t}\",\"data\":{}}}",
+                            String::from_utf8_lossy(&b)
+                        );
+                        let req = client
+                            .post(url)
+                            .bearer_auth(token)
+                            .header("content-type", "application/json")
+                            .body(msg);
+                        tokio::spawn(async move {
+                            if let Err(e) = req.send().await {
+                                eprintln!("publish: {e}");
+                            }
+                        });
+                    }
+                }
             }
         });
     }
@@ -1287,9 +1344,12 @@ async fn upstream(listen: SocketAddr, rate: f64, size: usize) -> Result<()> {
         let (stream, _) = listener.accept().await?;
         let (current, requests) = (current.clone(), requests.clone());
         let with_credentials = with_credentials.clone();
+        let changes = changes.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                let b = if req.uri().path() == "/_stats" {
+                let path = req.uri().path().to_string();
+                let stream = path.ends_with("/events");
+                let b = if path == "/_stats" {
                     let n = requests.load(Ordering::Relaxed);
                     let c = with_credentials.load(Ordering::Relaxed);
                     Bytes::from(format!("{{\"requests\":{n},\"with_credentials\":{c}}}"))
@@ -1300,12 +1360,46 @@ async fn upstream(listen: SocketAddr, rate: f64, size: usize) -> Result<()> {
                     }
                     current.lock().unwrap_or_else(|p| p.into_inner()).clone()
                 };
+                let rx = changes.subscribe();
                 async move {
-                    let mut r = hyper::Response::new(Full::new(b));
-                    r.headers_mut().insert(
-                        "content-type",
-                        hyper::header::HeaderValue::from_static("application/json"),
-                    );
+                    let (body, ct): (BoxBody<Bytes, Infallible>, _) = if stream {
+                        // The current state first, then every change.
+                        let first =
+                            Bytes::from(format!("data: {}\n\n", String::from_utf8_lossy(&b)));
+                        let events = futures_util::stream::unfold(rx, |mut rx| async move {
+                            loop {
+                                match rx.recv().await {
+                                    Ok((n, b)) => {
+                                        let ev = format!(
+                                            "id: {n}\ndata: {}\n\n",
+                                            String::from_utf8_lossy(&b)
+                                        );
+                                        return Some((Bytes::from(ev), rx));
+                                    }
+                                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                        continue
+                                    }
+                                    Err(_) => return None,
+                                }
+                            }
+                        });
+                        let all = futures_util::StreamExt::chain(
+                            futures_util::stream::iter([first]),
+                            events,
+                        );
+                        let frames = futures_util::StreamExt::map(all, |b| {
+                            Ok::<_, Infallible>(hyper::body::Frame::data(b))
+                        });
+                        (
+                            BodyExt::boxed(http_body_util::StreamBody::new(frames)),
+                            "text/event-stream",
+                        )
+                    } else {
+                        (BodyExt::boxed(Full::new(b)), "application/json")
+                    };
+                    let mut r = hyper::Response::new(body);
+                    r.headers_mut()
+                        .insert("content-type", hyper::header::HeaderValue::from_static(ct));
                     Ok::<_, Infallible>(r)
                 }
             });

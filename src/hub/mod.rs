@@ -452,7 +452,7 @@ impl Hub {
             cancel: inner.cancel.child_token(),
             poke: Arc::new(Notify::new()),
             fresh: Freshness::default(),
-            stats: Arc::new(TopicStats::default()),
+            stats: Arc::new(TopicStats::new(settings.metrics.clone())),
             feed: feed.clone(),
             key,
             _budget: budget,

@@ -160,10 +160,10 @@ impl Writer {
                 self.failed(e).await
             }
             // Passed events are not states: none is coalesced or dropped.
-            Update::Pass(data) => {
+            Update::Pass { event, data } => {
                 self.flush_held(now).await;
                 self.failing = false;
-                self.publish(EventKind::Pass, None, &data, None).await;
+                self.publish_pass(event.as_deref(), &data).await;
                 Flow::Continue
             }
             Update::Reset => {
@@ -328,6 +328,32 @@ impl Writer {
                 self.unsent = matches!(e, super::BrokerError::Unavailable(_));
                 warn!(topic = %self.id, error = %e, "event not published");
             }
+        }
+    }
+}
+
+impl Writer {
+    /// A passed-through upstream event: the envelope names the upstream's event (`"event"`) when
+    /// it had a name of its own.
+    async fn publish_pass(&mut self, event: Option<&str>, data: &[u8]) {
+        let kind = EventKind::Pass;
+        let mut env = envelope(kind, &self.resource, SystemTime::now(), None, data);
+        if let Some(name) = event {
+            // After `{"type":"message"`: the envelope's fields stay in one place for clients.
+            let at = "{\"type\":\"".len() + kind.name().len() + 1;
+            let mut field = b",\"event\":".to_vec();
+            let _ = serde_json::to_writer(&mut field, name);
+            env.splice(at..at, field);
+        }
+        let draft = Draft {
+            kind,
+            envelope: env,
+            doc: None,
+            changed_at: self.changed_at,
+            made: StdInstant::now(),
+        };
+        if let Err(e) = self.broker.publish(self.id, &self.lease, draft).await {
+            warn!(topic = %self.id, error = %e, "event not published");
         }
     }
 }

@@ -60,9 +60,9 @@ pub enum Update {
     Unchanged,
     /// The source could not read the resource; the last good state stays.
     Failed(SourceError),
-    /// An upstream event to re-broadcast as is (a pass-through push route): its data as JSON
-    /// text (a `data:` that is not JSON as a JSON string).
-    Pass(Bytes),
+    /// An upstream event to re-broadcast as is (a pass-through push route): its name, if the
+    /// upstream gave one, and its data as JSON text (a `data:` that is not JSON as a JSON string).
+    Pass { event: Option<String>, data: Bytes },
     /// The source lost track of the upstream (a push stream that could not resume): what comes
     /// next is not a continuation, so watchers must start over from a fresh snapshot.
     Reset,

@@ -24,6 +24,9 @@ impl Origin {
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // A push source's stream can be silent for long: keepalive probes find an upstream
+            // that vanished (a half-open connection) instead of waiting on it forever.
+            .tcp_keepalive(Duration::from_secs(30))
             .no_proxy()
             // A pooled HTTP/2 connection that died quietly is found by a ping between polls,
             // rather than by the next poll's timeout.

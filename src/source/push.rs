@@ -199,7 +199,7 @@ async fn connect<D: Decode>(
         };
         let fed = decoder.feed(&chunk, &mut out);
         for update in out.drain(..) {
-            let changed = matches!(update, Update::Document(_) | Update::Pass(_));
+            let changed = matches!(update, Update::Document(_) | Update::Pass { .. });
             target.stats.read(changed);
             delivered = true;
             if feed.send(update).await.is_err() {

@@ -22,8 +22,9 @@ pub(super) struct Decoder {
     buf: Vec<u8>,
     /// A `\r` ended the last chunk: a `\n` starting the next one belongs to it.
     after_cr: bool,
-    /// The event being read.
+    /// The event being read: its data and name.
     data: String,
+    event: String,
     has_data: bool,
     /// The id buffer (kept across events, as the WHATWG rules say).
     id: Option<String>,
@@ -42,6 +43,7 @@ impl Decoder {
             buf: Vec::new(),
             after_cr: false,
             data: String::new(),
+            event: String::new(),
             has_data: false,
             id: None,
             last_id: None,
@@ -75,12 +77,12 @@ impl Decoder {
                 self.has_data = true;
             }
             "id" if !value.contains('\0') => self.id = Some(value.to_string()),
+            "event" => self.event = value.to_string(),
             "retry" => {
                 if let Ok(ms) = value.parse::<u64>() {
                     self.retry = Some(Duration::from_millis(ms));
                 }
             }
-            // `event` names are not kept: a state is a state, and passed events keep their data.
             _ => {}
         }
         Ok(())
@@ -88,6 +90,8 @@ impl Decoder {
 
     fn dispatch(&mut self, out: &mut Vec<Update>) {
         let data = std::mem::take(&mut self.data);
+        let event =
+            Some(std::mem::take(&mut self.event)).filter(|e| !e.is_empty() && e != "message");
         let had_data = std::mem::take(&mut self.has_data);
         let id = self.id.clone().filter(|i| !i.is_empty());
         if let Some(skip) = self.skip_id.take() {
@@ -106,14 +110,13 @@ impl Decoder {
                 Err(e) => Update::Failed(e),
             },
             PushMode::Pass => {
-                if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
-                    Update::Pass(compact(&bytes))
+                let data = if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
+                    compact(&bytes)
                 } else {
                     let text = String::from_utf8_lossy(&bytes);
-                    Update::Pass(Bytes::from(
-                        serde_json::to_vec(&text).unwrap_or_else(|_| b"null".to_vec()),
-                    ))
-                }
+                    Bytes::from(serde_json::to_vec(&text).unwrap_or_else(|_| b"null".to_vec()))
+                };
+                Update::Pass { event, data }
             }
         });
     }
@@ -196,9 +199,14 @@ mod tests {
     fn docs(out: &[Update]) -> Vec<String> {
         out.iter()
             .map(|u| match u {
-                Update::Document(super::super::Document::Json(b)) | Update::Pass(b) => {
+                Update::Document(super::super::Document::Json(b)) => {
                     String::from_utf8(b.to_vec()).unwrap()
                 }
+                Update::Pass { event, data } => format!(
+                    "{}{}",
+                    event.as_deref().map_or(String::new(), |e| format!("{e}:")),
+                    String::from_utf8(data.to_vec()).unwrap()
+                ),
                 other => format!("{other:?}"),
             })
             .collect()

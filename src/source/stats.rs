@@ -3,6 +3,9 @@
 //! pokes. Plain atomics, written by the source and read by anyone.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crate::telemetry::RouteMetrics;
 
 use serde::Serialize;
 
@@ -18,9 +21,11 @@ pub enum Connection {
     Waiting,
 }
 
-/// Counters of one topic's source.
-#[derive(Debug, Default)]
+/// Counters of one topic's source; reads, changes, pokes and open push connections also count
+/// in its route's metrics.
+#[derive(Debug)]
 pub struct TopicStats {
+    metrics: Arc<RouteMetrics>,
     kind: AtomicU8,
     reads: AtomicU64,
     changes: AtomicU64,
@@ -50,6 +55,19 @@ pub struct StatsView {
 const KINDS: [&str; 3] = ["poll", "sse", "ndjson"];
 
 impl TopicStats {
+    pub fn new(metrics: Arc<RouteMetrics>) -> TopicStats {
+        TopicStats {
+            metrics,
+            kind: AtomicU8::new(0),
+            reads: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            interval_ms: AtomicU64::new(0),
+            connection: AtomicU8::new(0),
+            pokes: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+        }
+    }
+
     pub fn set_kind(&self, kind: crate::config::source::SourceKind) {
         let i = KINDS.iter().position(|k| *k == kind.name()).unwrap_or(0);
         self.kind.store(i as u8, Ordering::Relaxed);
@@ -57,8 +75,10 @@ impl TopicStats {
 
     pub fn read(&self, changed: bool) {
         self.reads.fetch_add(1, Ordering::Relaxed);
+        self.metrics.source_reads.inc();
         if changed {
             self.changes.fetch_add(1, Ordering::Relaxed);
+            self.metrics.source_changes.inc();
         }
     }
 
@@ -68,14 +88,21 @@ impl TopicStats {
     }
 
     pub fn set_connection(&self, c: Connection) {
-        if c == Connection::Connecting && self.connection.load(Ordering::Relaxed) != 0 {
+        let was = self.connection.swap(c as u8, Ordering::Relaxed);
+        if c == Connection::Connecting && was != Connection::None as u8 {
             self.reconnects.fetch_add(1, Ordering::Relaxed);
         }
-        self.connection.store(c as u8, Ordering::Relaxed);
+        let open = Connection::Open as u8;
+        if was != open && c == Connection::Open {
+            self.metrics.push_connections_open.inc();
+        } else if was == open && c != Connection::Open {
+            self.metrics.push_connections_open.dec();
+        }
     }
 
     pub fn poked(&self) {
         self.pokes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.source_pokes.inc();
     }
 
     pub fn view(&self) -> StatsView {
@@ -103,5 +130,12 @@ impl TopicStats {
             reconnects: self.reconnects.load(Ordering::Relaxed),
             pokes: self.pokes.load(Ordering::Relaxed),
         }
+    }
+}
+
+impl Drop for TopicStats {
+    fn drop(&mut self) {
+        // A push source stopped without saying so still leaves the gauge right.
+        self.set_connection(Connection::None);
     }
 }

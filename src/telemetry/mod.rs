@@ -106,6 +106,10 @@ pub struct Metrics {
     pub tunnels_open: Gauge,
     /// Upstream requests that waited for the `[polling]` budget (cap or rate).
     pub upstream_budget_waits: Counter,
+    source_reads: Family<RouteLabel, Counter>,
+    source_changes: Family<RouteLabel, Counter>,
+    source_pokes: Family<RouteLabel, Counter>,
+    push_connections_open: Family<RouteLabel, Gauge>,
     /// Handles per route template, made on first use; a route that keeps its path across a reload
     /// keeps its series.
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
@@ -175,6 +179,10 @@ impl Metrics {
             tunnels_open: Gauge::default(),
             gets: Family::default(),
             upstream_budget_waits: Counter::default(),
+            source_reads: Family::default(),
+            source_changes: Family::default(),
+            source_pokes: Family::default(),
+            push_connections_open: Family::default(),
             routes: Mutex::new(HashMap::new()),
             cluster: ClusterMetrics {
                 leases_held: Gauge::default(),
@@ -309,6 +317,26 @@ impl Metrics {
             m.upstream_budget_waits.clone(),
         );
         r.register(
+            "source_reads",
+            "Upstream reads by topic sources: polls answered, or events received on push streams",
+            m.source_reads.clone(),
+        );
+        r.register(
+            "source_changes",
+            "Source reads that brought a new state (changes / reads: how often resources change)",
+            m.source_changes.clone(),
+        );
+        r.register(
+            "source_pokes",
+            "Pokes and published states received (POST /_herald/publish), per topic touched",
+            m.source_pokes.clone(),
+        );
+        r.register(
+            "push_connections_open",
+            "Upstream push streams (kind = sse or ndjson) open now",
+            m.push_connections_open.clone(),
+        );
+        r.register(
             "config_reloads",
             "Config reloads, by result (ok, rejected)",
             m.reloads.clone(),
@@ -356,6 +384,10 @@ impl Metrics {
             snapshots: reconnect("snapshot"),
             upstream_requests: self.upstream_requests.clone(),
             gets: [get("topic"), get("not-modified"), get("upstream")],
+            source_reads: self.source_reads.get_or_create_owned(&label),
+            source_changes: self.source_changes.get_or_create_owned(&label),
+            source_pokes: self.source_pokes.get_or_create_owned(&label),
+            push_connections_open: self.push_connections_open.get_or_create_owned(&label),
             upstream_last_status: AtomicU16::new(0),
             upstream_last_micros: AtomicI64::new(-1),
             upstream_errors: AtomicU64::new(0),
@@ -443,6 +475,10 @@ pub struct RouteMetrics {
     pub slow_consumers: Counter,
     pub replays: Counter,
     pub snapshots: Counter,
+    pub source_reads: Counter,
+    pub source_changes: Counter,
+    pub source_pokes: Counter,
+    pub push_connections_open: Gauge,
     /// Looked up per poll (once per interval per topic, not per event) because the status varies.
     upstream_requests: Family<UpstreamLabels, Counter>,
     /// Plain GETs: served from a topic, 304 from a topic, passed through.
