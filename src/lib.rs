@@ -7,14 +7,16 @@
 //! telemetry, logging, reply, wire,   bottom: metric handles (plain numbers), log format and
 //! shutdown                           access log, HTTP answers, SSE framing, signals
 //! config ─► error ─► routes          proxy.toml → validated Config → RouteTable, TopicKey
-//!   ─► source                        Source: feeds a topic's writer (poll; Origin = HTTP client)
+//!   ─► source                        Source: feeds a topic's writer (poll, upstream SSE, NDJSON;
+//!                                    a shared budget of upstream requests; Origin = HTTP client)
 //!   ─► diff                          pure JSON diff: patches, no I/O
 //!   ─► hub                           writer (coalesce → diff → sequence) ─Broker─► channel
 //!                                    (history ring + watchers); MemoryBroker by default
 //!   ─► cluster                       RedisBroker: leases, streams, one reader per node
 //!   ─► auth ─► reload                who may watch which topic; config reload
 //!   ─► sse                           one stream lifecycle; single / multiplexed events; gzip
-//!   ─► server                        listeners, TLS, stream-open phases, pass-through proxy
+//!   ─► server                        listeners, TLS, stream-open phases, plain GETs, publish,
+//!                                    pass-through proxy
 //!   ─► admin ─► demo                 metrics, health, status page, reload endpoint; the demo
 //! ```
 //!
@@ -22,13 +24,14 @@
 //!
 //! ```text
 //! trait Source: fn run(&self, target: Target, feed: Feed, cancel) -> BoxFuture<'static, ()>
-//!               (sends Update::{Document, Unchanged, Failed(SourceError)} through `feed`)
+//!               (sends Update::{Document, Unchanged, Pass, Reset, Failed(SourceError)})
 //! trait Broker: attach(id, &channel) · detach(id, &channel) · lead(id) -> Lease
 //!               publish(id, &lease, Draft) -> Position · history(id, since) -> Replay
+//!               (MemoryBroker in one process; cluster::RedisBroker for several nodes)
 //! ```
 //!
 //! `main.rs` parses arguments, loads the config and calls [`run`]; tests bind `127.0.0.1:0`
-//! themselves and use [`Herald`].
+//! themselves and use [`Herald`] (`Herald::start` with `[cluster] redis`, which connects first).
 
 pub mod telemetry;
 pub mod logging;
