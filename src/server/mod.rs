@@ -13,6 +13,7 @@ mod observe;
 mod open;
 pub mod proxy;
 pub mod router;
+mod tickets;
 pub mod tls;
 
 use std::collections::HashMap;

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::tickets::Tickets;
 use crate::config;
 use crate::error::{Error, Result};
 use crate::shutdown::Hangups;
@@ -50,11 +51,14 @@ impl Acceptor {
         // Stamp first, as in `reload`: a change during the read is seen by the next check.
         let stamp = Stamp::of(files);
         let key = load(files)?;
-        Ok(Acceptor::with_store(CertStore {
-            current: RwLock::new(key),
-            files: Some(files.clone()),
-            stamp: Mutex::new(stamp),
-        }))
+        Acceptor::with_store(
+            CertStore {
+                current: RwLock::new(key),
+                files: Some(files.clone()),
+                stamp: Mutex::new(stamp),
+            },
+            files.resumption,
+        )
     }
 
     /// A fixed certificate from PEM text (`herald demo`'s self-signed one); never reloaded.
@@ -66,14 +70,17 @@ impl Acceptor {
         let chain = parse_chain(cert_pem).map_err(fail)?;
         let key = parse_key(key_pem).map_err(fail)?;
         let key = certified(chain, key).map_err(|(_, message)| fail(message))?;
-        Ok(Acceptor::with_store(CertStore {
-            current: RwLock::new(key),
-            files: None,
-            stamp: Mutex::new(None),
-        }))
+        Acceptor::with_store(
+            CertStore {
+                current: RwLock::new(key),
+                files: None,
+                stamp: Mutex::new(None),
+            },
+            config::Resumption::default(),
+        )
     }
 
-    fn with_store(store: CertStore) -> Acceptor {
+    fn with_store(store: CertStore, resumption: config::Resumption) -> Result<Acceptor> {
         let certs = Arc::new(store);
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -82,10 +89,26 @@ impl Acceptor {
             .with_cert_resolver(certs.clone());
         // h2 first: a client offering both gets HTTP/2, whose streams share one connection.
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Acceptor {
+        // A returning client resumes: TLS 1.3 (and TLS 1.2 clients that ask) by a stateless
+        // ticket, other TLS 1.2 clients by session ID from a cache of the configured size.
+        // rustls's default is a 256-entry cache and no tickets: in a reconnect storm of
+        // thousands almost every client would pay a full handshake.
+        config.ticketer =
+            Arc::new(
+                Tickets::new(resumption.ticket_lifetime).ok_or_else(|| Error::Tls {
+                    path: PathBuf::from("<session tickets>"),
+                    message: "the system's random number generator failed".into(),
+                })?,
+            );
+        config.session_storage = if resumption.session_cache == 0 {
+            Arc::new(rustls::server::NoServerSessionStorage {})
+        } else {
+            rustls::server::ServerSessionMemoryCache::new(resumption.session_cache)
+        };
+        Ok(Acceptor {
             inner: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             certs,
-        }
+        })
     }
 
     /// Complete a server handshake on `stream` (callers bound it with [`HANDSHAKE_TIMEOUT`]).
