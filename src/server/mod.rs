@@ -7,12 +7,14 @@ pub mod compress;
 mod conn;
 pub mod cors;
 mod fast;
+mod fast_tls;
 mod idle;
 pub mod mux;
 mod observe;
 mod open;
 pub mod proxy;
 pub mod router;
+mod sealed;
 mod tickets;
 pub mod tls;
 

@@ -100,6 +100,9 @@ impl Acceptor {
                     message: "the system's random number generator failed".into(),
                 })?,
             );
+        // The HTTP/1.1 stream fast path takes over sending once the first request is read
+        // (`fast_tls.rs`): rustls hands it the send key, and its buffers are freed.
+        config.enable_secret_extraction = true;
         config.session_storage = if resumption.session_cache == 0 {
             Arc::new(rustls::server::NoServerSessionStorage {})
         } else {
