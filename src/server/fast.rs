@@ -306,11 +306,19 @@ impl Future for StreamConn {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     this.finished = true;
-                    if this.chunked {
-                        match this.frame(Pending::whole(Bytes::from_static(b"0\r\n\r\n"))) {
-                            Some(last) => this.out = last,
-                            None => return Poll::Ready(()),
-                        }
+                    let last = Pending::whole(Bytes::from_static(if this.chunked {
+                        b"0\r\n\r\n"
+                    } else {
+                        b""
+                    }));
+                    // Over TLS the last frame carries a close_notify after it.
+                    let last = match this.seal.as_mut() {
+                        None => Some(last),
+                        Some(seal) => seal.seal_last(&last.parts()).map(Pending::whole),
+                    };
+                    match last {
+                        Some(last) => this.out = last,
+                        None => return Poll::Ready(()),
                     }
                 }
                 // The body failed: end without the last chunk, so the client sees an incomplete

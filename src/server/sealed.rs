@@ -13,6 +13,9 @@ const MAX_FRAGMENT: usize = 1 << 14;
 const HEADER: usize = 5;
 /// Content type `application_data`, outer and inner.
 const APPLICATION_DATA: u8 = 0x17;
+/// Inner content type `alert`, and the `close_notify` alert (level warning, description 0).
+const ALERT: u8 = 0x15;
+const CLOSE_NOTIFY: [u8; 2] = [1, 0];
 /// Records sealed with one key before the stream ends (the client reconnects with fresh keys):
 /// below AES-GCM's confidentiality limit of 2^24.5 records (RFC 8446 5.5), where rustls would
 /// update the key instead.
@@ -81,6 +84,21 @@ impl Sealer {
         Some(Bytes::from(out))
     }
 
+    /// `parts` (if any) sealed as application data, then a `close_notify` alert: the end of the
+    /// connection, told so that the client knows it saw everything.
+    pub(super) fn seal_last(&mut self, parts: &[&[u8]]) -> Option<Bytes> {
+        let mut out = if parts.iter().any(|p| !p.is_empty()) {
+            Vec::from(self.seal(parts)?)
+        } else {
+            Vec::new()
+        };
+        let start = out.len();
+        self.open_record(CLOSE_NOTIFY.len(), &mut out)?;
+        out.extend_from_slice(&CLOSE_NOTIFY);
+        self.close_record_as(ALERT, start, &mut out)?;
+        Some(Bytes::from(out))
+    }
+
     /// Append a record header for `len` bytes of plaintext.
     fn open_record(&self, len: usize, out: &mut Vec<u8>) -> Option<()> {
         let wire = u16::try_from(len + 1 + aead::MAX_TAG_LEN).ok()?;
@@ -91,10 +109,15 @@ impl Sealer {
 
     /// Seal the record that starts at `start` in `out` (header, then its plaintext) in place.
     fn close_record(&mut self, start: usize, out: &mut Vec<u8>) -> Option<()> {
+        self.close_record_as(APPLICATION_DATA, start, out)
+    }
+
+    /// `close_record` with the inner content type `kind`.
+    fn close_record_as(&mut self, kind: u8, start: usize, out: &mut Vec<u8>) -> Option<()> {
         if self.seq >= MAX_RECORDS {
             return None;
         }
-        out.push(APPLICATION_DATA);
+        out.push(kind);
         let header: [u8; HEADER] = out[start..start + HEADER].try_into().ok()?;
         // Per-record nonce: the IV with the sequence number XORed into its last 8 bytes.
         let mut nonce = self.iv;
@@ -210,9 +233,14 @@ mod tests {
             wire.extend_from_slice(&sealer.seal(&[b"a", b"b", b"c"]).unwrap());
             wire.extend_from_slice(&sealer.seal(&[&big]).unwrap());
             wire.extend_from_slice(&sealer.seal(&[b""]).unwrap());
+            wire.extend_from_slice(&sealer.seal_last(&[b"end"]).unwrap());
             let mut want = b"from rustls;abc".to_vec();
             want.extend_from_slice(&big);
+            want.extend_from_slice(b"end");
             assert_eq!(client_reads(&mut c, &wire), want, "{suite:?}");
+            // The client saw a clean close (close_notify), not a truncation.
+            let mut rest = Vec::new();
+            assert_eq!(c.reader().read_to_end(&mut rest).unwrap(), 0, "{suite:?}");
         }
     }
 
