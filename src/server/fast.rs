@@ -278,6 +278,11 @@ impl StreamConn {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+        // Written: let go of the frame now rather than at the next one. Over TLS it is this
+        // stream's own sealed copy (~350 B per idle stream, heaptrack), not the shared event.
+        if !self.out.data.is_empty() {
+            self.out = Pending::whole(Bytes::new());
+        }
         Poll::Ready(Ok(()))
     }
 }
