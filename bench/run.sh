@@ -7,10 +7,12 @@
 #
 # Scenarios: idle-1k idle-5k idle-18k idle-h2 fanout fanout-10k topics gzip churn
 #   TLS (herald's [tls] and nginx's `ssl` on the same self-signed P-256 certificate, made here):
-#   idle-tls-5k idle-tls-18k (HTTP/1.1 over TLS), idle-tls-h2 (HTTP/2 over TLS, one stream per
+#   idle-tls-5k (with herald-plain) idle-tls-18k (HTTP/1.1 over TLS), idle-tls-h2 (HTTP/2 over TLS, one stream per
 #   connection: a browser tab), idle-tls-h2-100 (100 streams per connection), fanout-tls (with
 #   herald-plain, herald without TLS, in the same run), storm-tls (every client drops and
-#   reconnects within 5 s; -noresume: the clients keep no TLS session, every handshake is full).
+#   reconnects within 5 s while a change a second goes out; -noresume: the clients keep no TLS
+#   session, every handshake is full), storm-tls-burst (idle streams, all back within 1 s: what a
+#   reconnect costs the server's CPU, nothing else).
 # Needs a release build (cargo build --release --bins) and bench/setup.sh's packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,12 +40,13 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap 'cleanup; rm -rf "$TMP"' EXIT
 
-H_PORT=18080; UP_PORT=13000; NCHAN_PORT=18081; NODE_PORT=18082; FLOOR_PORT=18090
-NCHAN_TLS_PORT=18443
+# Ports can be moved (e.g. H_PORT=38080) when another run shares the machine.
+H_PORT=${H_PORT:-18080}; UP_PORT=${UP_PORT:-13000}; NCHAN_PORT=${NCHAN_PORT:-18081}
+NODE_PORT=${NODE_PORT:-18082}; FLOOR_PORT=${FLOOR_PORT:-18090}; NCHAN_TLS_PORT=${NCHAN_TLS_PORT:-18443}
 
 # Scenario parameters: streams, topics, change rate per topic (/s), body size, herald's poll
 # interval, hold seconds, protocol, gzip, churn lifetime, workers.
-TLS=0; STORM=0; PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000; PER_USER=0
+TLS=0; STORM=0; STORM_WINDOW=5; PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000; PER_USER=0
 case "$SCENARIO" in
   idle-1k)    STREAMS=1000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
   idle-5k)    STREAMS=5000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
@@ -64,13 +67,16 @@ case "$SCENARIO" in
   churn)      STREAMS=2000;  TOPICS=20;   RATE=1;   HOLD=600; POLL=1000; CHURN=5
               [ $QUICK = 1 ] && HOLD=60
               SERVERS=$(echo "$SERVERS" | sed 's/floor//') ;;
-  idle-tls-5k)  STREAMS=5000;  TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000 ;;
+  idle-tls-5k)  STREAMS=5000;  TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000
+                SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-plain/') ;;
   idle-tls-18k) STREAMS=18000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000 ;;
   idle-tls-h2)  STREAMS=2000;  TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=500; PROTO=h2; PER_CONN=1 ;;
   idle-tls-h2-100) STREAMS=20000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=5000; PROTO=h2; PER_CONN=100 ;;
   fanout-tls)   STREAMS=5000;  TOPICS=1; RATE=10; HOLD=20; POLL=50; TLS=1; RAMP=1000
                 SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-plain/') ;;
   storm-tls)    STREAMS=5000;  TOPICS=1; RATE=1; HOLD=20; POLL=1000; TLS=1; RAMP=1000; STORM=5
+                SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-noresume/' -e 's/nchan/nchan nchan-noresume/') ;;
+  storm-tls-burst) STREAMS=5000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000; STORM=5; STORM_WINDOW=1
                 SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-noresume/' -e 's/nchan/nchan nchan-noresume/') ;;
   *) echo "unknown scenario $SCENARIO" >&2; exit 64 ;;
 esac
@@ -102,6 +108,8 @@ upstream = "http://127.0.0.1:$UP_PORT"
 max_new_streams_per_sec = 0
 max_streams_per_ip = 0
 max_streams_per_credential = 0
+# The clients come from 16 addresses: 18,000 streams are 1,125 connections per address.
+max_connections_per_ip = 0
 [[route]]
 path = "/topic/{n}"
 interval = "${POLL}ms"
@@ -160,7 +168,7 @@ run_one() {
   [ "$name" = herald-gzip ] && extra+=(--gzip)
   [ "$CHURN" != 0 ] && extra+=(--churn "$CHURN")
   [ "$PER_USER" != 0 ] && extra+=(--per-user "$PER_USER" --users 10)
-  [ "$STORM" != 0 ] && extra+=(--storm "$STORM" --storm-window 5)
+  [ "$STORM" != 0 ] && extra+=(--storm "$STORM" --storm-window "$STORM_WINDOW")
   case $name in *-noresume) extra+=(--resume false) ;; esac
   case $name in
     herald*) extra+=(--upstream-stats http://127.0.0.1:$UP_PORT --poll-interval-ms $POLL --keyed-by-credential) ;;
@@ -186,7 +194,7 @@ REPORT=$(cat <<MD
 
 ### $SCENARIO ($(date -u +%Y-%m-%d\ %H:%M\ UTC))
 
-\`$CMDLINE\` — $STREAMS streams ($PROTO${GZIP:+, gzip}$([ "$TLS" = 1 ] && echo ", TLS")$([ "$PROTO" = h2 ] && echo ", $PER_CONN per connection")$([ "$STORM" != 0 ] && echo ", storm ${STORM}s after the ramp, 5s window")), $TOPICS topic(s)$PU_TEXT, changes ${RATE}/s per topic,
+\`$CMDLINE\` — $STREAMS streams ($PROTO${GZIP:+, gzip}$([ "$TLS" = 1 ] && echo ", TLS")$([ "$PROTO" = h2 ] && echo ", $PER_CONN per connection")$([ "$STORM" != 0 ] && echo ", storm ${STORM}s after the ramp, ${STORM_WINDOW}s window")), $TOPICS topic(s)$PU_TEXT, changes ${RATE}/s per topic,
 ${SIZE} B bodies, herald polls every ${POLL} ms, hold ${HOLD} s, churn ${CHURN} s, $REPS run(s) each.
 Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), kernel $(uname -r),
 $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Commit ${BENCH_COMMIT:-$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src bench || echo ' + uncommitted changes')}.
