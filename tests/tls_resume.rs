@@ -209,3 +209,62 @@ async fn ticket_keys_rotate_and_an_old_ticket_is_refused() {
     h.stop().await;
     up.stop().await;
 }
+
+/// A deploy: the herald that issued the ticket is gone and a new one (here: a second one,
+/// started with the same `ticket_key`) takes the client back without a full handshake. Without
+/// the shared secret the new herald cannot open the ticket.
+#[tokio::test]
+async fn a_shared_ticket_key_lets_another_herald_resume_the_session() {
+    let up = TestUpstream::start().await;
+    up.set_json("/api/builds/1", serde_json::json!({"id": 1}));
+    let ca = TestCa::new();
+    let files = TlsFiles::new(&ca.leaf("herald-shared", 3));
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ticket.key");
+    std::fs::write(&key, [0x5au8; 48]).unwrap();
+    let shared = format!("ticket_key = '{}'\n", key.display());
+    let first = herald_with(&up, &files, &shared).await;
+    let second = herald_with(&up, &files, &shared).await;
+    let stranger = herald_with(&up, &files, "").await;
+
+    for flavour in [Flavour::Tls13, Flavour::Tls12Tickets] {
+        let config = client(&ca, flavour, None);
+        assert_eq!(
+            visit(first.addr, &config).await,
+            HandshakeKind::Full,
+            "{flavour:?}"
+        );
+        // The client offers one herald's ticket to the others (same server name).
+        assert_eq!(
+            visit(second.addr, &config).await,
+            HandshakeKind::Resumed,
+            "{flavour:?}: the secret's other herald resumes"
+        );
+        assert_eq!(
+            visit(first.addr, &config).await,
+            HandshakeKind::Resumed,
+            "{flavour:?}"
+        );
+        assert_eq!(
+            visit(stranger.addr, &config).await,
+            HandshakeKind::Full,
+            "{flavour:?}: a herald without the secret cannot open the ticket"
+        );
+    }
+    for h in [first, second, stranger] {
+        h.stop().await;
+    }
+
+    // A secret too short to be one: herald does not start, and says which file.
+    std::fs::write(&key, b"too short").unwrap();
+    let routes = "[[route]]\npath = \"/api/builds/{id}\"\n";
+    let err = herald::Herald::new(config(
+        &up.url(),
+        &format!("{routes}{}{shared}", files.toml()),
+    ))
+    .err()
+    .expect("a short ticket key is refused");
+    let err = err.to_string();
+    assert!(err.contains("ticket.key") && err.contains("32"), "{err}");
+    up.stop().await;
+}

@@ -145,12 +145,14 @@ pub struct Tls {
 }
 
 /// How returning TLS clients skip the full handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resumption {
     /// TLS 1.2 sessions kept by ID (0: none).
     pub session_cache: usize,
     /// Rotation period of the session-ticket key (whole seconds, at least one).
     pub ticket_lifetime: Duration,
+    /// File with the secret ticket keys are derived from (`None`: random keys in memory).
+    pub ticket_key: Option<PathBuf>,
 }
 
 impl Default for Resumption {
@@ -158,6 +160,7 @@ impl Default for Resumption {
         Resumption {
             session_cache: 20_000,
             ticket_lifetime: Duration::from_secs(3600),
+            ticket_key: None,
         }
     }
 }

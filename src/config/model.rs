@@ -255,6 +255,9 @@ pub struct TlsSection {
     /// the period after the one it was sealed in.
     #[serde(default = "default_ticket_lifetime")]
     pub ticket_lifetime: Spanned<HumanDuration>,
+    /// A secret shared by every herald that should accept each other's tickets (and by a
+    /// restarted herald): ticket keys are derived from it instead of made at random.
+    pub ticket_key: Option<PathBuf>,
 }
 
 fn default_session_cache() -> Spanned<usize> {

@@ -548,6 +548,7 @@ fn validate_tls(t: model::TlsSection, push: &mut impl FnMut(Range<usize>, &str, 
         resumption: super::Resumption {
             session_cache: *t.session_cache.get_ref(),
             ticket_lifetime: lifetime,
+            ticket_key: t.ticket_key,
         },
     }
 }

@@ -2,11 +2,14 @@
 //! server remembering it, so a reconnect storm costs abbreviated handshakes however many clients
 //! there are. One ChaCha20-Poly1305 key per period of `lifetime`; tickets of this period and the
 //! previous one are accepted, older ones are not (key erasure bounds what a stolen key decrypts).
+//! Keys are random, or derived from a shared secret (HKDF, the period as info) so that several
+//! heralds, and a restarted one, accept each other's tickets.
 
 use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
+use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::server::ProducesTickets;
 
@@ -22,6 +25,8 @@ pub struct Tickets {
     lifetime: u64,
     keys: RwLock<Keys>,
     rng: SystemRandom,
+    /// The shared secret's pseudo-random key, when keys are derived rather than random.
+    secret: Option<hkdf::Prk>,
 }
 
 /// The key of the current period and of the one before it (each `None` if never made: a
@@ -41,21 +46,32 @@ impl std::fmt::Debug for Tickets {
 }
 
 impl Tickets {
-    /// Keys that rotate every `lifetime` (at least one second; whole seconds).
-    pub fn new(lifetime: Duration) -> Option<Tickets> {
+    /// Keys that rotate every `lifetime` (at least one second; whole seconds): random, or derived
+    /// from `secret` (then the previous period's key is there from the start).
+    pub fn new(lifetime: Duration, secret: Option<&[u8]>) -> Option<Tickets> {
         let lifetime = lifetime.as_secs().max(1);
-        let rng = SystemRandom::new();
+        let secret = secret.map(|s| {
+            hkdf::Salt::new(hkdf::HKDF_SHA256, b"herald session-ticket keys v1").extract(s)
+        });
         let period = now() / lifetime;
-        let current = fresh_key(&rng)?;
-        Some(Tickets {
+        let mut t = Tickets {
             lifetime,
             keys: RwLock::new(Keys {
                 period,
-                current,
+                current: fresh_key(&SystemRandom::new())?,
                 previous: None,
             }),
-            rng,
-        })
+            rng: SystemRandom::new(),
+            secret,
+        };
+        let keys = t.keys.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if t.secret.is_some() {
+            keys.current = key_for(&t.secret, &t.rng, lifetime, period)?;
+            keys.previous = period
+                .checked_sub(1)
+                .and_then(|p| key_for(&t.secret, &t.rng, lifetime, p));
+        }
+        Some(t)
     }
 
     /// Move to the period `now` falls in, making its key and erasing keys two periods old.
@@ -64,12 +80,19 @@ impl Tickets {
         if period <= keys.period {
             return;
         }
-        let Some(next) = fresh_key(&self.rng) else {
+        let Some(next) = key_for(&self.secret, &self.rng, self.lifetime, period) else {
             return;
         };
         let old = std::mem::replace(&mut keys.current, next);
-        // Only the period right before keeps its key; a longer gap erases both.
-        keys.previous = (period == keys.period + 1).then_some(old);
+        // Only the period right before keeps its key; after a longer gap a random key is gone
+        // (a derived one is derived again).
+        keys.previous = if period == keys.period + 1 {
+            Some(old)
+        } else if self.secret.is_some() {
+            key_for(&self.secret, &self.rng, self.lifetime, period - 1)
+        } else {
+            None
+        };
         keys.period = period;
     }
 
@@ -143,6 +166,23 @@ impl Tickets {
     }
 }
 
+/// The key of `period`: derived from the secret (the same in every herald that shares it; the
+/// lifetime is part of the info, so heralds with different lifetimes do not share keys), or random.
+fn key_for(
+    secret: &Option<hkdf::Prk>,
+    rng: &SystemRandom,
+    lifetime: u64,
+    period: u64,
+) -> Option<LessSafeKey> {
+    let Some(prk) = secret else {
+        return fresh_key(rng);
+    };
+    let (lifetime, period) = (lifetime.to_be_bytes(), period.to_be_bytes());
+    let info = [&lifetime[..], &period[..]];
+    let okm = prk.expand(&info, &aead::CHACHA20_POLY1305).ok()?;
+    Some(LessSafeKey::new(UnboundKey::from(okm)))
+}
+
 fn fresh_key(rng: &SystemRandom) -> Option<LessSafeKey> {
     let mut key = [0u8; 32];
     rng.fill(&mut key).ok()?;
@@ -163,7 +203,7 @@ mod tests {
 
     #[test]
     fn a_ticket_opens_in_its_period_and_the_next_and_not_after() {
-        let t = Tickets::new(Duration::from_secs(3600)).unwrap();
+        let t = Tickets::new(Duration::from_secs(3600), None).unwrap();
         let sealed = t.encrypt(b"session state").unwrap();
         assert_eq!(t.decrypt(&sealed).unwrap(), b"session state");
         let p = t.keys.read().unwrap().period;
@@ -175,8 +215,8 @@ mod tests {
 
     #[test]
     fn tampered_or_foreign_tickets_are_refused() {
-        let t = Tickets::new(Duration::from_secs(3600)).unwrap();
-        let other = Tickets::new(Duration::from_secs(3600)).unwrap();
+        let t = Tickets::new(Duration::from_secs(3600), None).unwrap();
+        let other = Tickets::new(Duration::from_secs(3600), None).unwrap();
         let mut sealed = t.encrypt(b"state").unwrap();
         assert_eq!(other.decrypt(&sealed), None);
         let last = sealed.len() - 1;
@@ -185,5 +225,26 @@ mod tests {
         assert_eq!(t.decrypt(&[]), None);
         assert_eq!(t.decrypt(&[0u8; HEADER_LEN]), None);
         assert_eq!(t.decrypt(&vec![0u8; MAX_TICKET + 1]), None);
+    }
+
+    #[test]
+    fn heralds_sharing_a_secret_open_each_others_tickets_and_no_one_elses() {
+        let hour = Duration::from_secs(3600);
+        let secret = [7u8; 48];
+        let a = Tickets::new(hour, Some(&secret)).unwrap();
+        let b = Tickets::new(hour, Some(&secret)).unwrap();
+        let stranger = Tickets::new(hour, Some(&[8u8; 48])).unwrap();
+        let other_lifetime = Tickets::new(Duration::from_secs(600), Some(&secret)).unwrap();
+        let sealed = a.encrypt(b"state").unwrap();
+        assert_eq!(b.decrypt(&sealed).unwrap(), b"state");
+        assert_eq!(stranger.decrypt(&sealed), None);
+        assert_eq!(other_lifetime.decrypt(&sealed), None);
+        // A herald started in the next period still opens it (the previous key is derived),
+        // and one two periods on does not.
+        let p = a.keys.read().unwrap().period;
+        b.roll(p + 1);
+        assert_eq!(b.open(&sealed).unwrap(), b"state");
+        b.roll(p + 3);
+        assert_eq!(b.open(&sealed), None);
     }
 }

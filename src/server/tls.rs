@@ -57,7 +57,8 @@ impl Acceptor {
                 files: Some(files.clone()),
                 stamp: Mutex::new(stamp),
             },
-            files.resumption,
+            files.resumption.clone(),
+            ticket_secret(files)?,
         )
     }
 
@@ -77,10 +78,15 @@ impl Acceptor {
                 stamp: Mutex::new(None),
             },
             config::Resumption::default(),
+            None,
         )
     }
 
-    fn with_store(store: CertStore, resumption: config::Resumption) -> Result<Acceptor> {
+    fn with_store(
+        store: CertStore,
+        resumption: config::Resumption,
+        secret: Option<Vec<u8>>,
+    ) -> Result<Acceptor> {
         let certs = Arc::new(store);
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -93,13 +99,14 @@ impl Acceptor {
         // ticket, other TLS 1.2 clients by session ID from a cache of the configured size.
         // rustls's default is a 256-entry cache and no tickets: in a reconnect storm of
         // thousands almost every client would pay a full handshake.
-        config.ticketer =
-            Arc::new(
-                Tickets::new(resumption.ticket_lifetime).ok_or_else(|| Error::Tls {
+        config.ticketer = Arc::new(
+            Tickets::new(resumption.ticket_lifetime, secret.as_deref()).ok_or_else(|| {
+                Error::Tls {
                     path: PathBuf::from("<session tickets>"),
                     message: "the system's random number generator failed".into(),
-                })?,
-            );
+                }
+            })?,
+        );
         // The HTTP/1.1 stream fast path takes over sending once the first request is read
         // (`fast_tls.rs`): rustls hands it the send key, and its buffers are freed.
         config.enable_secret_extraction = true;
@@ -258,6 +265,29 @@ fn file_stamp(path: &Path) -> Option<(Option<SystemTime>, u64, u64)> {
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Shortest `ticket_key` accepted: the ticket keys are only as strong as this secret.
+const MIN_TICKET_SECRET: usize = 32;
+
+/// Read `[tls] ticket_key`, if set: at least 32 bytes (random, e.g. `openssl rand 48`). The error
+/// names the file.
+pub fn ticket_secret(files: &config::Tls) -> Result<Option<Vec<u8>>> {
+    let Some(path) = &files.resumption.ticket_key else {
+        return Ok(None);
+    };
+    let fail = |message: String| Error::Tls {
+        path: path.clone(),
+        message,
+    };
+    let secret = fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    if secret.len() < MIN_TICKET_SECRET {
+        return Err(fail(format!(
+            "a ticket key needs at least {MIN_TICKET_SECRET} random bytes, the file has {} (make one with `openssl rand 48 > FILE`)",
+            secret.len()
+        )));
+    }
+    Ok(Some(secret))
 }
 
 /// Read and check a certificate chain and its private key: both parse, and the key belongs to the
