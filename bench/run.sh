@@ -12,7 +12,8 @@
 #   herald-plain, herald without TLS, in the same run), storm-tls (every client drops and
 #   reconnects within 5 s while a change a second goes out; -noresume: the clients keep no TLS
 #   session, every handshake is full), storm-tls-burst (idle streams, all back within 1 s: what a
-#   reconnect costs the server's CPU, nothing else).
+#   reconnect costs the server's CPU, nothing else), storm-tls-half (half the clients storm while
+#   10 changes/s flow: `steady p99` is the delivery latency of the half that stayed open).
 # Needs a release build (cargo build --release --bins) and bench/setup.sh's packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +47,7 @@ NODE_PORT=${NODE_PORT:-18082}; FLOOR_PORT=${FLOOR_PORT:-18090}; NCHAN_TLS_PORT=$
 
 # Scenario parameters: streams, topics, change rate per topic (/s), body size, herald's poll
 # interval, hold seconds, protocol, gzip, churn lifetime, workers.
-TLS=0; STORM=0; STORM_WINDOW=5; PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000; PER_USER=0
+TLS=0; STORM=0; STORM_WINDOW=5; STORM_SHARE=1; PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000; PER_USER=0
 case "$SCENARIO" in
   idle-1k)    STREAMS=1000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
   idle-5k)    STREAMS=5000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
@@ -75,6 +76,8 @@ case "$SCENARIO" in
   fanout-tls)   STREAMS=5000;  TOPICS=1; RATE=10; HOLD=20; POLL=50; TLS=1; RAMP=1000
                 SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-plain/') ;;
   storm-tls)    STREAMS=5000;  TOPICS=1; RATE=1; HOLD=20; POLL=1000; TLS=1; RAMP=1000; STORM=5
+                SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-noresume/' -e 's/nchan/nchan nchan-noresume/') ;;
+  storm-tls-half) STREAMS=5000; TOPICS=1; RATE=10; HOLD=25; POLL=50; TLS=1; RAMP=1000; STORM=5; STORM_SHARE=0.5
                 SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-noresume/' -e 's/nchan/nchan nchan-noresume/') ;;
   storm-tls-burst) STREAMS=5000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000; STORM=5; STORM_WINDOW=1
                 SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-noresume/' -e 's/nchan/nchan nchan-noresume/') ;;
@@ -168,7 +171,7 @@ run_one() {
   [ "$name" = herald-gzip ] && extra+=(--gzip)
   [ "$CHURN" != 0 ] && extra+=(--churn "$CHURN")
   [ "$PER_USER" != 0 ] && extra+=(--per-user "$PER_USER" --users 10)
-  [ "$STORM" != 0 ] && extra+=(--storm "$STORM" --storm-window "$STORM_WINDOW")
+  [ "$STORM" != 0 ] && extra+=(--storm "$STORM" --storm-window "$STORM_WINDOW" --storm-share "$STORM_SHARE")
   case $name in *-noresume) extra+=(--resume false) ;; esac
   case $name in
     herald*) extra+=(--upstream-stats http://127.0.0.1:$UP_PORT --poll-interval-ms $POLL --keyed-by-credential) ;;
@@ -194,7 +197,7 @@ REPORT=$(cat <<MD
 
 ### $SCENARIO ($(date -u +%Y-%m-%d\ %H:%M\ UTC))
 
-\`$CMDLINE\` — $STREAMS streams ($PROTO${GZIP:+, gzip}$([ "$TLS" = 1 ] && echo ", TLS")$([ "$PROTO" = h2 ] && echo ", $PER_CONN per connection")$([ "$STORM" != 0 ] && echo ", storm ${STORM}s after the ramp, ${STORM_WINDOW}s window")), $TOPICS topic(s)$PU_TEXT, changes ${RATE}/s per topic,
+\`$CMDLINE\` — $STREAMS streams ($PROTO${GZIP:+, gzip}$([ "$TLS" = 1 ] && echo ", TLS")$([ "$PROTO" = h2 ] && echo ", $PER_CONN per connection")$([ "$STORM" != 0 ] && echo ", storm ${STORM}s after the ramp, ${STORM_WINDOW}s window, share $STORM_SHARE")), $TOPICS topic(s)$PU_TEXT, changes ${RATE}/s per topic,
 ${SIZE} B bodies, herald polls every ${POLL} ms, hold ${HOLD} s, churn ${CHURN} s, $REPS run(s) each.
 Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), kernel $(uname -r),
 $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Commit ${BENCH_COMMIT:-$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src bench || echo ' + uncommitted changes')}.

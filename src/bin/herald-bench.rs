@@ -108,6 +108,10 @@ struct Load {
     storm: f64,
     #[arg(long, default_value_t = 5.0)]
     storm_window: f64,
+    /// The share of connections that take part in the storm; the others stay open, and their
+    /// delivery latency during the storm (its window + 5 s) is reported as `steady p99`.
+    #[arg(long, default_value_t = 1.0)]
+    storm_share: f64,
 }
 
 impl Load {
@@ -348,6 +352,8 @@ struct Report {
     storm_back: u64,
     storm_start_us: u64,
     storm_last_us: u64,
+    /// Storm: delivery latency of the streams that stayed open, during the storm (ms buckets).
+    steady: Vec<u64>,
     /// Fan-out latency (herald's envelope timestamp → receipt), ms buckets.
     fanout: Vec<u64>,
     /// End-to-end latency (source timestamp → receipt), 0.1 ms buckets up to 10 s.
@@ -711,6 +717,11 @@ fn coordinate(
         let (t0, t1) = (sum.storm_start_us, sum.storm_last_us);
         let secs = (t1 - t0) as f64 / 1e6;
         row.push(("storm back", sum.storm_back.to_string()));
+        if load.storm_share < 1.0 {
+            // Delivery to the streams that stayed open, during the storm.
+            row.push(("steady p99 ms", fmt(percentile(&sum.steady, 0.99, 1.0))));
+            row.push(("steady events", sum.steady.iter().sum::<u64>().to_string()));
+        }
         row.push(("storm s", format!("{secs:.2}")));
         row.push((
             "reconnects/s",
@@ -812,6 +823,8 @@ const SUMMARY: &[&str] = &[
     "handshakes",
     "resumed %",
     "storm s",
+    "steady p99 ms",
+    "steady events",
     "reconnects/s",
     "storm CPU-s",
     "storm CPU %",
@@ -926,6 +939,7 @@ fn summed(reports: &HashMap<usize, Report>) -> Report {
     let mut s = Report {
         fanout: vec![0; FANOUT_BUCKETS],
         e2e: vec![0; E2E_BUCKETS],
+        steady: vec![0; FANOUT_BUCKETS],
         ..Default::default()
     };
     for r in reports.values() {
@@ -947,6 +961,9 @@ fn summed(reports: &HashMap<usize, Report>) -> Report {
             };
         }
         s.storm_last_us = s.storm_last_us.max(r.storm_last_us);
+        for (a, b) in s.steady.iter_mut().zip(&r.steady) {
+            *a += b;
+        }
         s.done_any |= r.done;
         for (a, b) in s.fanout.iter_mut().zip(&r.fanout) {
             *a += b;
@@ -976,6 +993,7 @@ struct Stats {
     storm_back: AtomicU64,
     storm_start_us: AtomicU64,
     storm_last_us: AtomicU64,
+    steady: Mutex<Vec<u64>>,
     fanout: Mutex<Vec<u64>>,
     e2e: Mutex<Vec<u64>>,
 }
@@ -997,6 +1015,14 @@ impl Stats {
             storm_back: self.storm_back.load(Ordering::Relaxed),
             storm_start_us: self.storm_start_us.load(Ordering::Relaxed),
             storm_last_us: self.storm_last_us.load(Ordering::Relaxed),
+            steady: if done {
+                self.steady
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            } else {
+                Vec::new()
+            },
             // Histograms (110k buckets) only in the last report: the per-second ones carry
             // counters, so that reporting costs the clients next to nothing.
             fanout: if done {
@@ -1022,6 +1048,7 @@ async fn worker(spec: WorkerSpec) -> Result<()> {
     let stats = Arc::new(Stats {
         fanout: Mutex::new(vec![0; FANOUT_BUCKETS]),
         e2e: Mutex::new(vec![0; E2E_BUCKETS]),
+        steady: Mutex::new(vec![0; FANOUT_BUCKETS]),
         ..Default::default()
     });
     let uri: hyper::Uri = spec.load.target.parse().context("target URL")?;
@@ -1077,6 +1104,11 @@ async fn worker(spec: WorkerSpec) -> Result<()> {
         let (load, stats) = (spec.load.clone(), stats.clone());
         // One client: its TLS session store lives across its reconnects.
         let tls = https.then(|| tls_client(&load));
+        // Whether this connection takes part in the storm (the first `--storm-share` of every
+        // hundred connections do); the others are the steady ones.
+        let storms = (i / per_conn) % 100 < (load.storm_share.clamp(0.0, 1.0) * 100.0) as usize;
+        let storm_at = storm_at.filter(|_| storms);
+        let steady = spec.load.storm > 0.0 && !storms;
         tasks.push(tokio::spawn(async move {
             let mut reconnect = false;
             loop {
@@ -1101,6 +1133,7 @@ async fn worker(spec: WorkerSpec) -> Result<()> {
                     gap,
                     stop_at: until,
                     reconnect,
+                    steady,
                 };
                 reconnect |= storm_at.is_some();
                 if let Err(e) = connection(conn, streams.clone()).await {
@@ -1139,6 +1172,8 @@ struct Conn<'a> {
     stop_at: tokio::time::Instant,
     /// A reconnect after the storm: its stream's return is counted.
     reconnect: bool,
+    /// Stays open through the storm: its latency during the storm is counted apart.
+    steady: bool,
 }
 
 async fn connection(c: Conn<'_>, streams: Vec<usize>) -> Result<()> {
@@ -1173,6 +1208,7 @@ where
         gap,
         stop_at,
         reconnect,
+        steady,
         ..
     } = *c;
     let request = |i: usize| -> Result<hyper::Request<Empty<Bytes>>> {
@@ -1199,7 +1235,7 @@ where
             let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
             tokio::spawn(conn);
             let resp = send.send_request(request(streams[0])?).await?;
-            consume(resp, load, stats, stop_at, reconnect).await
+            consume(resp, load, stats, stop_at, reconnect, steady).await
         }
         Proto::H2 => {
             let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -1218,7 +1254,9 @@ where
                 handles.push(tokio::spawn(async move {
                     match send.send_request(req).await {
                         Ok(resp) => {
-                            if let Err(e) = consume(resp, &load, &stats, stop_at, reconnect).await {
+                            if let Err(e) =
+                                consume(resp, &load, &stats, stop_at, reconnect, steady).await
+                            {
                                 stats.failed.fetch_add(1, Ordering::Relaxed);
                                 eprintln!("h2 stream: {e:#}");
                             }
@@ -1246,6 +1284,7 @@ async fn consume(
     stats: &Stats,
     stop_at: tokio::time::Instant,
     reconnect: bool,
+    steady: bool,
 ) -> Result<()> {
     if !resp.status().is_success() {
         // Counted as failed by the caller.
@@ -1292,12 +1331,17 @@ async fn consume(
             None => data.to_vec(),
         };
         let received = now_micros();
+        // A steady stream's events during the storm (its window and 5 s after) are counted apart.
+        let start = stats.storm_start_us.load(Ordering::Relaxed);
+        let during = steady
+            && received >= start
+            && received <= start + ((load.storm_window + 5.0) * 1e6) as u64;
         for ev in parser.feed(&text) {
             stats.events.fetch_add(1, Ordering::Relaxed);
             // A stream's first event is the state as it was when the client arrived (herald's
             // snapshot is stamped with the time of the last change, seconds ago on a quiet
             // topic): not a change travelling, so it is left out of the latencies.
-            record(load, stats, &ev, received, &mut last_seq, !first);
+            record(load, stats, &ev, received, &mut last_seq, !first, during);
             first = false;
         }
     };
@@ -1383,6 +1427,7 @@ fn record(
     received: u64,
     last: &mut Option<(String, u64)>,
     timed: bool,
+    during_storm: bool,
 ) {
     let data: serde_json::Value = serde_json::from_str(&ev.data).unwrap_or(serde_json::Value::Null);
     let payload = if load.envelope { &data["data"] } else { &data };
@@ -1418,6 +1463,10 @@ fn record(
             let ms = received.saturating_sub(sent) / 1000;
             let mut h = stats.fanout.lock().unwrap_or_else(|p| p.into_inner());
             h[(ms as usize).min(FANOUT_BUCKETS - 1)] += 1;
+            if during_storm {
+                let mut h = stats.steady.lock().unwrap_or_else(|p| p.into_inner());
+                h[(ms as usize).min(FANOUT_BUCKETS - 1)] += 1;
+            }
         }
     }
     // Servers without ids: gaps and duplicates by the body's own sequence.
@@ -1445,6 +1494,11 @@ fn record(
         let tenths = received.saturating_sub(ts) / 100;
         let mut h = stats.e2e.lock().unwrap_or_else(|p| p.into_inner());
         h[(tenths as usize).min(E2E_BUCKETS - 1)] += 1;
+        // Servers without herald's envelope: the deliver latency is this one.
+        if during_storm && !load.envelope {
+            let mut h = stats.steady.lock().unwrap_or_else(|p| p.into_inner());
+            h[((tenths / 10) as usize).min(FANOUT_BUCKETS - 1)] += 1;
+        }
     }
 }
 
