@@ -1,4 +1,4 @@
-//! The stream fast path over TLS: after a TLS 1.3 handshake that chose HTTP/1.1, the first request
+//! The stream fast path over TLS: after a TLS 1.3 or 1.2 handshake that chose HTTP/1.1, the first request
 //! is read through rustls; if it is a stream herald answers itself, rustls gives up the send key
 //! (`sealed.rs`) and the stream runs on the bare socket like a plaintext one, its rustls and hyper
 //! buffers freed. Anything else goes to hyper, with the bytes already read put back in front.
@@ -32,8 +32,8 @@ pub(super) enum Outcome {
     Hyper(Box<Rewind<TlsStream<TcpStream>>>),
 }
 
-/// Serve `tls` here if it is TLS 1.3 with HTTP/1.1 (or no ALPN) and its first request is a stream
-/// herald answers itself.
+/// Serve `tls` here if it is HTTP/1.1 (or no ALPN) and its first request is a stream herald
+/// answers itself.
 pub(super) async fn try_serve(
     mut tls: TlsStream<TcpStream>,
     app: &Service,
@@ -42,7 +42,12 @@ pub(super) async fn try_serve(
 ) -> Outcome {
     let conn = tls.get_ref().1;
     let h1 = matches!(conn.alpn_protocol(), None | Some(b"http/1.1"));
-    if !h1 || conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+    let tls13 = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => true,
+        Some(rustls::ProtocolVersion::TLSv1_2) => false,
+        _ => return Outcome::Hyper(Box::new(Rewind::plain(tls))),
+    };
+    if !h1 {
         return Outcome::Hyper(Box::new(Rewind::plain(tls)));
     }
     let limit = app.connections.header_timeout;
@@ -84,13 +89,13 @@ pub(super) async fn try_serve(
     }
     let (tcp, conn) = tls.into_inner();
     let sealer = match conn.dangerous_extract_secrets() {
-        Ok(secrets) => Sealer::new(secrets.tx.0, secrets.tx.1).map_err(|e| format!("{e:?}")),
+        Ok(secrets) => Sealer::new(tls13, secrets.tx.0, secrets.tx.1).map_err(|e| format!("{e:?}")),
         Err(e) => Err(e.to_string()),
     };
     let sealer = match sealer {
         Ok(s) => s,
         Err(e) => {
-            // Not expected (TLS 1.3 and extraction are checked above): the client reconnects.
+            // Not expected (the version and extraction are checked above): the client reconnects.
             debug!(error = %e, "TLS keys not extractable; closing");
             return Outcome::Served;
         }

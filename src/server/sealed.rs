@@ -1,5 +1,5 @@
-//! TLS 1.3 application-data records sealed by herald itself, for an HTTP/1.1 stream over TLS on
-//! the fast path: after the handshake rustls hands over the send key and sequence number, and the
+//! TLS 1.3 and TLS 1.2 (AEAD) application-data records sealed by herald itself, for an HTTP/1.1
+//! stream over TLS on the fast path: after the handshake rustls hands over the send key and sequence number, and the
 //! connection's rustls state (its buffers, ~25 KiB with hyper's) is freed. Sends only: what the
 //! client sends afterwards is not decrypted (a stream ignores it; its end is the socket's end).
 
@@ -21,12 +21,23 @@ const CLOSE_NOTIFY: [u8; 2] = [1, 0];
 /// update the key instead.
 const MAX_RECORDS: u64 = 1 << 23;
 
-/// The send half of a TLS 1.3 connection's record layer.
+/// The send half of a TLS 1.3 or TLS 1.2 (AEAD) connection's record layer.
 pub(super) struct Sealer {
     key: LessSafeKey,
     iv: [u8; NONCE_LEN],
     /// Sequence number of the next record.
     seq: u64,
+    version: Version,
+}
+
+/// How records are framed: TLS 1.3 hides the content type inside and authenticates the header;
+/// TLS 1.2 authenticates sequence, type, version and length, and AES-GCM sends the last 8 bytes of
+/// the nonce before the ciphertext (RFC 5288; ChaCha20 does not, RFC 7905).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Version {
+    Tls13,
+    Tls12Gcm,
+    Tls12Chacha,
 }
 
 /// Why the fast path cannot take over a connection's sending (it stays with rustls).
@@ -34,8 +45,12 @@ pub(super) struct Sealer {
 pub(super) struct Unsupported;
 
 impl Sealer {
-    /// From the secrets rustls extracted after a TLS 1.3 handshake (`tx`).
-    pub(super) fn new(seq: u64, secrets: ConnectionTrafficSecrets) -> Result<Sealer, Unsupported> {
+    /// From the secrets rustls extracted after a handshake (`tx`), TLS 1.3 or TLS 1.2.
+    pub(super) fn new(
+        tls13: bool,
+        seq: u64,
+        secrets: ConnectionTrafficSecrets,
+    ) -> Result<Sealer, Unsupported> {
         let (alg, key, iv) = match secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
@@ -44,12 +59,19 @@ impl Sealer {
             }
             _ => return Err(Unsupported),
         };
+        let version = match (tls13, alg == &aead::CHACHA20_POLY1305) {
+            (true, _) => Version::Tls13,
+            (false, false) => Version::Tls12Gcm,
+            (false, true) => Version::Tls12Chacha,
+        };
         let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| Unsupported)?;
+        // TLS 1.2 AES-GCM: the 4-byte salt and 8 bytes from the key block, as rustls builds it.
         let iv: [u8; NONCE_LEN] = iv.as_ref().try_into().map_err(|_| Unsupported)?;
         Ok(Sealer {
             key: LessSafeKey::new(key),
             iv,
             seq,
+            version,
         })
     }
 
@@ -58,7 +80,7 @@ impl Sealer {
     pub(super) fn seal(&mut self, parts: &[&[u8]]) -> Option<Bytes> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let records = total.div_ceil(MAX_FRAGMENT).max(1);
-        let mut out = Vec::with_capacity(total + records * (HEADER + 1 + aead::MAX_TAG_LEN));
+        let mut out = Vec::with_capacity(total + records * (HEADER + 9 + aead::MAX_TAG_LEN));
         let (mut part, mut at) = (0, 0);
         for r in 0..records {
             let len = if r + 1 == records {
@@ -67,7 +89,7 @@ impl Sealer {
                 MAX_FRAGMENT
             };
             let start = out.len();
-            self.open_record(len, &mut out)?;
+            self.open_record(APPLICATION_DATA, len, &mut out)?;
             // The record's plaintext: the next `len` bytes of `parts`.
             let mut need = len;
             while need > 0 {
@@ -79,7 +101,7 @@ impl Sealer {
                     (part, at) = (part + 1, 0);
                 }
             }
-            self.close_record(start, &mut out)?;
+            self.close_record(APPLICATION_DATA, start, len, &mut out)?;
         }
         Some(Bytes::from(out))
     }
@@ -93,33 +115,14 @@ impl Sealer {
             Vec::new()
         };
         let start = out.len();
-        self.open_record(CLOSE_NOTIFY.len(), &mut out)?;
+        self.open_record(ALERT, CLOSE_NOTIFY.len(), &mut out)?;
         out.extend_from_slice(&CLOSE_NOTIFY);
-        self.close_record_as(ALERT, start, &mut out)?;
+        self.close_record(ALERT, start, CLOSE_NOTIFY.len(), &mut out)?;
         Some(Bytes::from(out))
     }
 
-    /// Append a record header for `len` bytes of plaintext.
-    fn open_record(&self, len: usize, out: &mut Vec<u8>) -> Option<()> {
-        let wire = u16::try_from(len + 1 + aead::MAX_TAG_LEN).ok()?;
-        out.extend_from_slice(&[APPLICATION_DATA, 0x03, 0x03]);
-        out.extend_from_slice(&wire.to_be_bytes());
-        Some(())
-    }
-
-    /// Seal the record that starts at `start` in `out` (header, then its plaintext) in place.
-    fn close_record(&mut self, start: usize, out: &mut Vec<u8>) -> Option<()> {
-        self.close_record_as(APPLICATION_DATA, start, out)
-    }
-
-    /// `close_record` with the inner content type `kind`.
-    fn close_record_as(&mut self, kind: u8, start: usize, out: &mut Vec<u8>) -> Option<()> {
-        if self.seq >= MAX_RECORDS {
-            return None;
-        }
-        out.push(kind);
-        let header: [u8; HEADER] = out[start..start + HEADER].try_into().ok()?;
-        // Per-record nonce: the IV with the sequence number XORed into its last 8 bytes.
+    /// This record's nonce: the IV with the sequence number XORed into its last 8 bytes.
+    fn nonce(&self) -> [u8; NONCE_LEN] {
         let mut nonce = self.iv;
         for (n, s) in nonce[NONCE_LEN - 8..]
             .iter_mut()
@@ -127,12 +130,69 @@ impl Sealer {
         {
             *n ^= s;
         }
+        nonce
+    }
+
+    /// Bytes between the header and the ciphertext (TLS 1.2 AES-GCM's explicit nonce).
+    fn explicit_len(&self) -> usize {
+        if self.version == Version::Tls12Gcm {
+            NONCE_LEN - 4
+        } else {
+            0
+        }
+    }
+
+    /// Append the header of a record of type `kind` with `len` bytes of plaintext (and, for TLS
+    /// 1.2 AES-GCM, the explicit nonce).
+    fn open_record(&self, kind: u8, len: usize, out: &mut Vec<u8>) -> Option<()> {
+        let (outer, inner_type) = match self.version {
+            Version::Tls13 => (APPLICATION_DATA, 1),
+            _ => (kind, 0),
+        };
+        let wire =
+            u16::try_from(self.explicit_len() + len + inner_type + aead::MAX_TAG_LEN).ok()?;
+        out.extend_from_slice(&[outer, 0x03, 0x03]);
+        out.extend_from_slice(&wire.to_be_bytes());
+        if self.version == Version::Tls12Gcm {
+            out.extend_from_slice(&self.nonce()[4..]);
+        }
+        Some(())
+    }
+
+    /// Seal, in place, the record of type `kind` that starts at `start` in `out` (its header,
+    /// then its `len` bytes of plaintext).
+    fn close_record(
+        &mut self,
+        kind: u8,
+        start: usize,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Option<()> {
+        if self.seq >= MAX_RECORDS {
+            return None;
+        }
+        let body = start + HEADER + self.explicit_len();
+        // TLS 1.3: the record header; TLS 1.2: sequence, type, version, plaintext length.
+        let mut aad = [0u8; 13];
+        let aad_len = match self.version {
+            Version::Tls13 => {
+                out.push(kind);
+                aad[..HEADER].copy_from_slice(out.get(start..start + HEADER)?);
+                HEADER
+            }
+            _ => {
+                aad[..8].copy_from_slice(&self.seq.to_be_bytes());
+                aad[8..11].copy_from_slice(&[kind, 0x03, 0x03]);
+                aad[11..].copy_from_slice(&u16::try_from(len).ok()?.to_be_bytes());
+                aad.len()
+            }
+        };
         let tag = self
             .key
             .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(header),
-                &mut out[start + HEADER..],
+                Nonce::assume_unique_for_key(self.nonce()),
+                Aad::from(&aad[..aad_len]),
+                &mut out[body..],
             )
             .ok()?;
         self.seq += 1;
@@ -165,7 +225,7 @@ mod tests {
             .unwrap();
         let der = CertificateDer::from(cert.der().to_vec());
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
+            .with_protocol_versions(&[suite.version()])
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(
@@ -177,7 +237,7 @@ mod tests {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(der).unwrap();
         let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
+            .with_protocol_versions(&[suite.version()])
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -216,19 +276,24 @@ mod tests {
 
     #[test]
     fn rustls_clients_read_what_we_seal_for_every_suite() {
+        use rustls::crypto::ring::cipher_suite::*;
         let suites = [
-            rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-            rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-            rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
         ];
         for suite in suites {
+            let tls13 = suite.version() == &rustls::version::TLS13;
             let (mut c, mut s) = pair(suite);
             // rustls writes first (its sequence numbers continue in ours).
             s.writer().write_all(b"from rustls;").unwrap();
             let mut wire = Vec::new();
             s.write_tls(&mut wire).unwrap();
             let secrets = s.dangerous_extract_secrets().unwrap();
-            let mut sealer = Sealer::new(secrets.tx.0, secrets.tx.1).unwrap();
+            let mut sealer = Sealer::new(tls13, secrets.tx.0, secrets.tx.1).unwrap();
             let big = vec![b'x'; 40_000];
             wire.extend_from_slice(&sealer.seal(&[b"a", b"b", b"c"]).unwrap());
             wire.extend_from_slice(&sealer.seal(&[&big]).unwrap());
@@ -248,7 +313,7 @@ mod tests {
     fn a_used_up_key_seals_nothing() {
         let (_, s) = pair(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256);
         let secrets = s.dangerous_extract_secrets().unwrap();
-        let mut sealer = Sealer::new(MAX_RECORDS - 1, secrets.tx.1).unwrap();
+        let mut sealer = Sealer::new(true, MAX_RECORDS - 1, secrets.tx.1).unwrap();
         assert!(sealer.seal(&[b"last"]).is_some());
         assert!(sealer.seal(&[b"one too many"]).is_none());
     }
