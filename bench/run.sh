@@ -5,6 +5,10 @@
 #
 #   bench/run.sh <scenario> [--quick] [--reps N] [--servers "herald nchan node floor"]
 #
+# `herald-before` is a second herald binary run as one more server with the same config and
+# upstream, e.g. an older commit's build, for before/after in one run:
+#   HERALD_BEFORE=/path/to/old/herald bench/run.sh idle-5k --servers "herald herald-before"
+#
 # Scenarios: idle-1k idle-5k idle-18k idle-h2 fanout fanout-10k topics gzip churn
 #   TLS (herald's [tls] and nginx's `ssl` on the same self-signed P-256 certificate, made here):
 #   idle-tls-5k (with herald-plain) idle-tls-18k (HTTP/1.1 over TLS), idle-tls-h2 (HTTP/2 over TLS, one stream per
@@ -35,13 +39,18 @@ done
 BIN=$ROOT/target/release
 BENCH=$BIN/herald-bench
 [ -x "$BIN/herald" ] && [ -x "$BENCH" ] || { echo "cargo build --release --bins first" >&2; exit 1; }
+case " $SERVERS " in
+  *" herald-before "*) [ -x "${HERALD_BEFORE:-}" ] || { echo "herald-before needs HERALD_BEFORE=<herald binary>" >&2; exit 1; } ;;
+esac
 TMP=$(mktemp -d /tmp/herald-bench.XXXXXX)
 ROWS=$TMP/rows.jsonl
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap 'cleanup; rm -rf "$TMP"' EXIT
 
-# Ports can be moved (e.g. H_PORT=38080) when another run shares the machine.
+# Ports can be moved (H_PORT=28080 UP_PORT=23000 ...) when another run shares the machine: wait_port
+# only sees that something listens, so two runs on the same ports would measure each other. Keep
+# them below 32768: above, they collide with the clients' ephemeral ports.
 H_PORT=${H_PORT:-18080}; UP_PORT=${UP_PORT:-13000}; NCHAN_PORT=${NCHAN_PORT:-18081}
 NODE_PORT=${NODE_PORT:-18082}; FLOOR_PORT=${FLOOR_PORT:-18090}; NCHAN_TLS_PORT=${NCHAN_TLS_PORT:-18443}
 
@@ -128,12 +137,13 @@ TOML
 start_server() {
   local name=$1
   case $name in
-    herald|herald-gzip|herald-plain|herald-noresume)
+    herald|herald-gzip|herald-before|herald-plain|herald-noresume)
+      local bin=$BIN/herald; [ "$name" = herald-before ] && bin=$HERALD_BEFORE
       local tls=plain; [ "$TLS" = 1 ] && [ "$name" != herald-plain ] && tls=tls
       start "$BENCH" upstream --listen 127.0.0.1:$UP_PORT --rate "$UP_RATE" --size $SIZE 2>/dev/null
       wait_port $UP_PORT
       herald_config $tls
-      start env ${HERALD_ENV:-} "$BIN/herald" --config "$TMP/herald.toml" --log-format json >"$TMP/herald.log" 2>&1
+      start env ${HERALD_ENV:-} "$bin" --config "$TMP/herald.toml" --log-format json >"$TMP/herald.log" 2>&1
       SPID=$LAST; wait_port $H_PORT
       TARGET=http://127.0.0.1:$H_PORT; [ $tls = tls ] && TARGET=https://127.0.0.1:$H_PORT
       PATH_T="/topic/{n}"; ENVELOPE=true ;;
@@ -192,6 +202,10 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 SUMMARY=$("$BENCH" summarize --file "$ROWS")
 PU_TEXT=""
+case " $SERVERS " in
+  *" herald-before "*) BEFORE_TEXT="
+herald-before: \`$HERALD_BEFORE\`, commit $(git -C "$(dirname "$HERALD_BEFORE")" rev-parse --short HEAD 2>/dev/null || echo unknown)." ;;
+esac
 [ "$PER_USER" != 0 ] && PU_TEXT=" ($PER_USER of them per-user: 10 users x $((PER_USER / 10)) paths, each user's own Authorization)"
 REPORT=$(cat <<MD
 
@@ -201,7 +215,7 @@ REPORT=$(cat <<MD
 ${SIZE} B bodies, herald polls every ${POLL} ms, hold ${HOLD} s, churn ${CHURN} s, $REPS run(s) each.
 Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), kernel $(uname -r),
 $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Commit ${BENCH_COMMIT:-$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src bench || echo ' + uncommitted changes')}.
-Load average before/after: $LOAD_BEFORE / $LOAD_AFTER.
+Load average before/after: $LOAD_BEFORE / $LOAD_AFTER.${BEFORE_TEXT:-}
 
 $SUMMARY
 MD

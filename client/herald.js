@@ -530,7 +530,11 @@ export class Herald {
       if (d < 0 || (d === 0 && type !== "snapshot")) return pos;
     }
     if (type === "snapshot") {
-      this.adopt(t, env.data, pos, null);
+      // The state this topic already shows (a page's, whose GET herald could not place): only
+      // its position is news, so the app is not told the same state twice.
+      const same = t.ready && !t.error && t.events === 0 && equal(t.state, env.data);
+      this.adopt(t, same ? t.state : env.data, pos, null);
+      if (same) return pos;
     } else if (type === "patch") {
       if (!t.ready) return this.lost(t);
       try {

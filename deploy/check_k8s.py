@@ -4,6 +4,7 @@ fields a kubelet needs, probes on herald's admin endpoints, ports and selectors 
 other and with the embedded proxy.toml, an admin listener no other pod can reach, drain timing,
 and the proxy.toml itself through `herald check`. Usage: check_k8s.py MANIFEST HERALD_BINARY"""
 
+import os
 import re
 import subprocess
 import sys
@@ -37,7 +38,9 @@ def main(path, herald):
         for key in ("apiVersion", "kind", "metadata"):
             need(key in d, f"an object lacks {key}")
         need(isinstance(d["metadata"].get("name"), str), f"{d['kind']} has no metadata.name")
-        by_kind[d["kind"]] = d
+        # Companions (herald-cluster.yaml's Redis) are named apart and not herald's to check.
+        if d["metadata"]["name"] == "herald":
+            by_kind[d["kind"]] = d
     need(set(by_kind) == {"ConfigMap", "Deployment", "Service"}, f"kinds: {sorted(by_kind)}")
     cm, dep, svc = by_kind["ConfigMap"], by_kind["Deployment"], by_kind["Service"]
     need(cm["apiVersion"] == "v1" and svc["apiVersion"] == "v1", "ConfigMap/Service apiVersion v1")
@@ -48,7 +51,13 @@ def main(path, herald):
     with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
         f.write(toml_text)
         f.flush()
-        r = subprocess.run([herald, "--config", f.name, "check"], capture_output=True, text=True)
+        # Variables the pod gets from Secrets (e.g. HERALD_CLUSTER_SECRET) get stand-in values.
+        env = dict(os.environ)
+        for c in by_kind["Deployment"]["spec"]["template"]["spec"]["containers"]:
+            for e in c.get("env", []):
+                if "secretKeyRef" in e.get("valueFrom", {}):
+                    env[e["name"]] = "stand-in-secret-value-0123456789"
+        r = subprocess.run([herald, "--config", f.name, "check"], capture_output=True, text=True, env=env)
         need(r.returncode == 0, f"embedded proxy.toml does not validate:\n{r.stdout}{r.stderr}")
     listen = re.search(r'^listen\s*=\s*"[^"]*:(\d+)"', toml_text, re.M)
     admin = re.search(r'^\[admin\][^\[]*?listen\s*=\s*"([^"]*):(\d+)"', toml_text, re.M | re.S)

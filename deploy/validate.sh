@@ -27,7 +27,9 @@ for p in python3 /usr/bin/python3; do
   if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import yaml' 2>/dev/null; then py=$p; break; fi
 done
 if [ -n "$py" ]; then
-  "$py" deploy/check_k8s.py deploy/kubernetes/herald.yaml "$bin"
+  for manifest in deploy/kubernetes/herald.yaml deploy/kubernetes/herald-cluster.yaml; do
+    "$py" deploy/check_k8s.py "$manifest" "$bin"
+  done
 else
   echo "skip: no python3 with PyYAML (apt-get install python3-yaml); kubernetes/herald.yaml not checked"
 fi

@@ -22,6 +22,9 @@ pub enum Error {
     /// The HTTP client for the upstream could not be built.
     #[error("upstream client: {0}")]
     Client(String),
+    /// `[cluster] redis` cannot be reached at startup (and `on_unavailable` is not `"local"`).
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

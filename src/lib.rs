@@ -11,6 +11,7 @@
 //!   ─► diff                          pure JSON diff: patches, no I/O
 //!   ─► hub                           writer (coalesce → diff → sequence) ─Broker─► channel
 //!                                    (history ring + watchers); MemoryBroker by default
+//!   ─► cluster                       RedisBroker: leases, streams, one reader per node
 //!   ─► auth ─► reload                who may watch which topic; config reload
 //!   ─► sse                           one stream lifecycle; single / multiplexed events; gzip
 //!   ─► server                        listeners, TLS, stream-open phases, pass-through proxy
@@ -40,6 +41,7 @@ pub mod routes;
 pub mod source;
 pub mod diff;
 pub mod hub;
+pub mod cluster;
 pub mod auth;
 pub mod reload;
 pub mod sse;
@@ -71,6 +73,7 @@ pub const LAYERS: &[&str] = &[
     "source",
     "diff",
     "hub",
+    "cluster",
     "auth",
     "reload",
     "sse",
@@ -97,8 +100,64 @@ pub struct Herald {
 
 impl Herald {
     /// Check everything that can fail before serving (the TLS files included) and start the
-    /// background tasks. Needs a Tokio runtime.
+    /// background tasks. Needs a Tokio runtime. A config with `[cluster] redis` needs
+    /// [`Herald::start`], which connects to Redis first.
     pub fn new(config: Config) -> Result<Herald> {
+        if config.cluster.redis.is_some() {
+            return Err(Error::Cluster(
+                "[cluster] redis is set: start herald with Herald::start (it connects first)"
+                    .into(),
+            ));
+        }
+        let metrics = Arc::new(telemetry::Metrics::new());
+        let broker: Arc<dyn hub::Broker> = Arc::new(hub::MemoryBroker::default());
+        Herald::build(
+            config,
+            broker,
+            metrics,
+            CancellationToken::new(),
+            TaskTracker::new(),
+        )
+    }
+
+    /// Like [`Herald::new`], and with `[cluster] redis`, connect to Redis first: unreachable, it
+    /// fails with a message naming the server, or (with `on_unavailable = "local"`) serves alone.
+    pub async fn start(config: Config) -> Result<Herald> {
+        let Some(redis) = config.cluster.redis.clone() else {
+            return Herald::new(config);
+        };
+        let metrics = Arc::new(telemetry::Metrics::new());
+        let background = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let broker: Arc<dyn hub::Broker> = match cluster::RedisBroker::connect(
+            &redis,
+            metrics.cluster.clone(),
+            background.clone(),
+            &tracker,
+        )
+        .await
+        {
+            Ok(b) => Arc::new(b),
+            Err(e) if redis.local_fallback => {
+                tracing::warn!(error = %e, "cluster: serving alone (on_unavailable = \"local\")");
+                Arc::new(hub::MemoryBroker::default())
+            }
+            Err(e) => return Err(Error::Cluster(e)),
+        };
+        let built = Herald::build(config, broker, metrics, background.clone(), tracker);
+        if built.is_err() {
+            background.cancel();
+        }
+        built
+    }
+
+    fn build(
+        config: Config,
+        broker: Arc<dyn hub::Broker>,
+        metrics: Arc<telemetry::Metrics>,
+        background: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<Herald> {
         let config = Arc::new(config);
         let tls = config
             .tls
@@ -106,11 +165,12 @@ impl Herald {
             .map(server::tls::Acceptor::from_files)
             .transpose()?;
         let origin = source::Origin::new(&config)?;
-        let background = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let metrics = Arc::new(telemetry::Metrics::new());
-        let broker: Arc<dyn hub::Broker> = Arc::new(hub::MemoryBroker::default());
-        let source: Arc<dyn source::Source> = Arc::new(source::Poller::new(origin.clone()));
+        let budget = Arc::new(source::Budget::new(
+            &config.polling,
+            metrics.upstream_budget_waits.clone(),
+        ));
+        let source: Arc<dyn source::Source> =
+            Arc::new(source::Sources::new(origin.clone(), budget.clone()));
         let hub = hub::Hub::new(
             hub::HubSettings::new(&config.sse, &config.server),
             broker,
@@ -131,7 +191,10 @@ impl Herald {
             &config.routes,
         )));
         let shutdown = shutdown::Flag::default();
+        let publisher =
+            server::publish::Publisher::new(&config.publish, routes.clone(), hub.clone());
         let service = Arc::new(server::Service {
+            publish: publisher.clone(),
             routes: routes.clone(),
             hub: hub.clone(),
             auth,
@@ -159,6 +222,7 @@ impl Herald {
             hub,
             routes,
             metrics,
+            publish: publisher,
         };
         let admin = admin::Admin::new(
             stats,
@@ -260,6 +324,7 @@ impl Herald {
         self.admin.set_ready(true);
         server::serve(listeners, self.service.clone(), shutdown).await;
         self.admin.set_ready(false);
+        self.service.hub.close_all().await;
         self.background.cancel();
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
@@ -284,7 +349,7 @@ impl Drop for Herald {
 /// included) before the port is bound.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let addr = config.listen;
-    let mut herald = Herald::new(config)?;
+    let mut herald = Herald::start(config).await?;
     herald.bind_admin().await?;
     let listener = bind(addr).await?;
     tracing::info!(%addr, tls = herald.tls().is_some(), "listening");

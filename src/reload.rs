@@ -281,4 +281,21 @@ mod tests {
         assert_eq!(restart_required(&a, &b), vec!["listen", "sse"]);
         assert!(restart_required(&a, &a).is_empty());
     }
+
+    #[test]
+    fn cluster_settings_compare_by_value_and_hide_the_password() {
+        let parse = |url: &str| {
+            config::parse(
+                &format!("listen = \"127.0.0.1:1\"\nupstream = \"http://a\"\n[cluster]\nredis = \"{url}\"\nsecret = \"0123456789abcdef\"\n"),
+                "c",
+            )
+            .unwrap()
+        };
+        // A node named by default (no `node`) is the same node at every reload.
+        let (a, b) = (parse("redis://:pw1@r:6379"), parse("redis://:pw1@r:6379"));
+        assert!(restart_required(&a, &b).is_empty());
+        let c = parse("redis://:pw2@r:6380");
+        assert_eq!(restart_required(&a, &c), vec!["cluster"]);
+        assert!(!format!("{a:?}").contains("pw1"));
+    }
 }

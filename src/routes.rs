@@ -475,6 +475,9 @@ mod tests {
             .map(|p| config::Route {
                 template: p.parse().expect("valid template"),
                 interval: Duration::from_secs(1),
+                source: Default::default(),
+                max_interval: Duration::from_secs(1),
+                honor_cache_control: false,
                 diff: config::DiffMode::JsonPatch,
                 array_key: None,
                 timeout: Duration::from_secs(1),
@@ -485,6 +488,7 @@ mod tests {
                 max_topics: 10,
                 refuse: Default::default(),
                 auth: Default::default(),
+                serve_get: Default::default(),
             })
             .collect();
         RouteTable::new(&routes)

@@ -66,6 +66,13 @@ fn errors_name_file_line_and_key() {
         ("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nticket_lifetime = \"0s\"\n", "proxy.toml:6:19: tls.ticket_lifetime: must be at least 1s"),
         ("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nticket_lifetime = \"8days\"\n", "proxy.toml:6:19: tls.ticket_lifetime: must be at most 7 days"),
         ("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nsession_cache = \"big\"\n", "proxy.toml:6:17: [tls] session_cache: invalid type"),
+        // cluster keys, each at its line
+        ("[cluster]\nredis = \"http://x\"\nsecret = \"0123456789abcdef\"\n", "proxy.toml:4:9: cluster.redis: expected a URL like"),
+        ("[cluster]\nredis = \"redis://x\"\n", "proxy.toml:4:9: cluster.redis: needs cluster.secret"),
+        ("[cluster]\nredis = \"redis://x\"\nsecret = \"0123456789abcdef\"\nlease = \"10ms\"\n", "proxy.toml:6:9: cluster.lease: must be at least 500ms"),
+        ("[cluster]\nredis = \"redis://x\"\nsecret = \"0123456789abcdef\"\non_unavailable = \"maybe\"\n", "proxy.toml:6:18: cluster.on_unavailable: expected \"fail\" or \"local\""),
+        ("[cluster]\nredis = \"redis://x\"\nsecret = \"0123456789abcdef\"\nnode = \"a b\"\n", "proxy.toml:6:8: cluster.node: expected 1 to 64 letters"),
+        ("[cluster]\nredis = \"redis://x\"\nsecret = \"0123456789abcdef\"\nretention = 0\n", "proxy.toml:6:13: cluster.retention: must be at least 1"),
     ];
     for (extra, expected) in cases {
         let (code, err) = check(&format!("{HEAD}{extra}"));

@@ -199,7 +199,11 @@ async fn pass_through_keeps_upstream_cors_unless_overridden() {
     let h = start_herald(config(&up.url(), &text)).await;
     let r = get(h.url("/api/users")).await;
     assert_eq!(r.headers()["access-control-allow-origin"], APP);
-    assert!(r.headers().get("access-control-expose-headers").is_none());
+    // The upstream's exposed headers are gone; herald's own are readable.
+    assert_eq!(
+        r.headers()["access-control-expose-headers"],
+        "herald-event-id, retry-after"
+    );
     assert!(vary_has(r.headers(), "origin"));
     let r = preflight(&h, "/api/users", APP, "POST").await;
     assert_eq!(r.status(), 204);

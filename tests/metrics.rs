@@ -320,3 +320,63 @@ fn admin_listen_must_not_be_the_public_one() {
     .unwrap();
     assert!(none.admin.is_none());
 }
+
+/// Every client.js page uses the multiplexed stream: it must show in the metrics and the status
+/// JSON (under the stream endpoint's path) exactly as single streams do, events included.
+#[tokio::test]
+async fn multiplexed_streams_are_counted_and_shown() {
+    const MUX: &str = "/_herald/stream";
+    let up = TestUpstream::start().await;
+    up.set_json("/api/builds/1", doc(1));
+    up.set_json("/api/builds/2", doc(2));
+    let cfg = config(
+        &up.url(),
+        &format!("[[route]]\npath = \"{R}\"\ninterval = \"30ms\"\n{ADMIN}"),
+    );
+    let h = AdminHerald::start(cfg).await;
+    let mux = format!("route=\"{MUX}\"");
+    let mut c = SseClient::connect(
+        &h.url(&format!("{MUX}?watch=/api/builds/1&watch=/api/builds/2")),
+        None,
+    )
+    .await;
+    assert_eq!(c.status, 200);
+    c.expect_event("hello", T).await;
+    c.expect_event("first snapshot", T).await;
+    c.expect_event("second snapshot", T).await;
+    let m = h
+        .scrape_until(T, |m| {
+            m.get(&series("herald_events_sent_total", &mux)) >= 2.0
+        })
+        .await;
+    assert_eq!(m.get(&series("herald_streams_open", &mux)), 1.0, "{}", m.0);
+    assert_eq!(m.get(&series("herald_streams_opened_total", &mux)), 1.0);
+    assert_eq!(m.get("herald_topics_alive"), 2.0);
+
+    // A change reaches the stream and moves its counter.
+    up.set_json("/api/builds/1", doc(10));
+    c.expect_event("change", T).await;
+    h.scrape_until(T, |m| {
+        m.get(&series("herald_events_sent_total", &mux)) >= 3.0
+    })
+    .await;
+
+    let status: serde_json::Value = reqwest::get(h.admin_url("/status.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["streams"], 1, "{status}");
+    let topics = status["topics"].as_array().unwrap();
+    assert_eq!(topics.len(), 2, "{status}");
+    assert!(topics.iter().all(|t| t["watchers"] == 1), "{status}");
+
+    drop(c);
+    let m = h
+        .scrape_until(T, |m| m.get(&series("herald_streams_open", &mux)) == 0.0)
+        .await;
+    assert_eq!(m.get(&series("herald_streams_opened_total", &mux)), 1.0);
+    h.stop().await;
+    up.stop().await;
+}

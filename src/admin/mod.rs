@@ -46,6 +46,8 @@ pub struct Stats {
     pub hub: Hub,
     pub routes: Arc<LiveRoutes>,
     pub metrics: Arc<Metrics>,
+    /// `POST /_herald/publish`.
+    pub publish: Arc<crate::server::publish::Publisher>,
 }
 
 /// Who may use the admin listener beyond health: the reload token and the host names it answers.
@@ -331,6 +333,7 @@ impl Admin {
                     ),
                 }
             }
+            (_, crate::server::publish::ADMIN_PATH) => self.stats.publish.handle(req).await,
             (&Method::POST, "/reload") => {
                 if let Some(refused) = self.access.refuse_reload(req.headers()) {
                     return refused;

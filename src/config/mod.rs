@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod model;
 mod read;
+pub mod source;
 mod validate;
 
 use std::fmt;
@@ -12,7 +13,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use model::{CorsPassThrough, DiffMode, PathTemplate, RefuseItem, Segment, UnknownQuery};
+pub use model::{
+    CorsPassThrough, DiffMode, PathTemplate, RefuseItem, Segment, ServeGet, UnknownQuery,
+};
 
 /// A validated configuration. Everything in it has been checked; nothing here can fail later.
 #[derive(Debug, Clone)]
@@ -33,6 +36,10 @@ pub struct Config {
     pub admin: Option<Admin>,
     pub cluster: Cluster,
     pub log: Log,
+    /// `[polling]`: the upstream budget every poll shares.
+    pub polling: source::Polling,
+    /// `[publish]`: webhooks and pokes.
+    pub publish: source::Publish,
     pub routes: Vec<Route>,
 }
 
@@ -41,7 +48,55 @@ pub struct Config {
 pub struct Cluster {
     /// The credential-hash key (`secret`, else `HERALD_CLUSTER_SECRET`); None: random per process.
     pub secret: Option<Secret>,
+    /// Shared topics through Redis (`redis`); None: this node is alone.
+    pub redis: Option<Redis>,
 }
+
+/// `[cluster] redis` and what goes with it (see `cluster`). Its `Debug` shows the URL with any
+/// password masked (a reload compares configs by it).
+#[derive(Clone)]
+pub struct Redis {
+    /// The URL (it may hold a password: never printed).
+    pub url: Secret,
+    /// `HERALD_REDIS_USERNAME` / `HERALD_REDIS_PASSWORD`, when set: they override the URL's.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub node: String,
+    pub prefix: String,
+    pub lease: Duration,
+    pub retention: usize,
+    pub retention_age: Duration,
+    /// Serve alone (in memory) when Redis cannot be reached at startup, rather than fail.
+    pub local_fallback: bool,
+}
+
+impl fmt::Debug for Redis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = reqwest::Url::parse(&self.url.0)
+            .map(|mut u| {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                u.to_string()
+            })
+            .unwrap_or_else(|_| "(invalid)".into());
+        f.debug_struct("Redis")
+            .field("url", &url)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("node", &self.node)
+            .field("prefix", &self.prefix)
+            .field("lease", &self.lease)
+            .field("retention", &self.retention)
+            .field("retention_age", &self.retention_age)
+            .field("local_fallback", &self.local_fallback)
+            .finish()
+    }
+}
+
+/// The environment variables that supply Redis credentials besides the URL.
+pub const REDIS_USERNAME_ENV: &str = "HERALD_REDIS_USERNAME";
+pub const REDIS_PASSWORD_ENV: &str = "HERALD_REDIS_PASSWORD";
 
 /// A secret from the config or the environment: never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -192,6 +247,12 @@ pub enum CorsOrigins {
 pub struct Route {
     pub template: PathTemplate,
     pub interval: Duration,
+    /// Where changes come from (poll by default).
+    pub source: source::Source,
+    /// Adaptive polling backs off up to this (equal to `interval`: no backoff).
+    pub max_interval: Duration,
+    /// `Cache-Control: max-age` is a floor on the next poll.
+    pub honor_cache_control: bool,
     pub diff: DiffMode,
     pub array_key: Option<String>,
     pub timeout: Duration,
@@ -204,6 +265,8 @@ pub struct Route {
     pub refuse: Refusal,
     /// Who shares its topics, which credentials follow the client, checks, JWT.
     pub auth: auth::RouteAuth,
+    /// Who answers plain GETs: the upstream, or a live topic's state.
+    pub serve_get: ServeGet,
 }
 
 /// The answers that mean "these credentials are refused" (a route's `refuse`).

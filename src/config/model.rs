@@ -40,6 +40,10 @@ pub struct File {
     pub log: LogSection,
     #[serde(default)]
     pub cluster: ClusterSection,
+    #[serde(default)]
+    pub polling: super::source::PollingSection,
+    #[serde(default)]
+    pub publish: super::source::PublishSection,
     #[serde(default, rename = "route")]
     pub routes: Vec<Spanned<RouteSection>>,
 }
@@ -67,13 +71,45 @@ fn default_admin_listen() -> Spanned<SocketAddr> {
 }
 
 /// What several herald nodes share.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSection {
     /// The key credentials are hashed with into topic keys: the same on every node, so nodes
     /// agree on per-credential topics. Without it (and without `HERALD_CLUSTER_SECRET`) each
     /// process draws a random one.
     pub secret: Option<Spanned<String>>,
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS): nodes share topics through
+    /// this Redis. Without it, the node is alone (the in-memory broker).
+    pub redis: Option<Spanned<String>>,
+    /// This node's name in Redis (leases, presence, the status page); default: `$HOSTNAME`, else
+    /// random.
+    pub node: Option<Spanned<String>>,
+    /// Prefix of every Redis key herald writes.
+    pub prefix: Spanned<String>,
+    /// How long a writer's lease lasts unrenewed: the longest a dead writer's topic goes
+    /// without a poller.
+    pub lease: Spanned<HumanDuration>,
+    /// Events each topic's stream keeps (approximately), for replay on any node.
+    pub retention: Spanned<usize>,
+    /// The oldest event a topic's stream keeps.
+    pub retention_age: Spanned<HumanDuration>,
+    /// Redis unreachable at startup: `"fail"` (exit with an error) or `"local"` (serve alone).
+    pub on_unavailable: Spanned<String>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            secret: None,
+            redis: None,
+            node: None,
+            prefix: Spanned::new(0..0, "herald".into()),
+            lease: Spanned::new(0..0, HumanDuration(Duration::from_secs(10))),
+            retention: Spanned::new(0..0, 1000),
+            retention_age: Spanned::new(0..0, HumanDuration(Duration::from_secs(3600))),
+            on_unavailable: Spanned::new(0..0, "fail".into()),
+        }
+    }
 }
 
 /// What herald logs besides its own events (the format is `--log-format`, the level
@@ -330,6 +366,16 @@ pub struct RouteSection {
     /// How often the upstream resource is polled while someone watches it.
     #[serde(default = "default_interval")]
     pub interval: Spanned<HumanDuration>,
+    /// Where changes come from: `{ kind = "poll" | "sse" | "ndjson", path, mode }`.
+    #[serde(default)]
+    pub source: Option<Spanned<super::source::SourceSection>>,
+    /// A topic that does not change polls less and less often, up to this (default: `interval`,
+    /// no backoff); a change or a poke brings it back to `interval`.
+    #[serde(default)]
+    pub max_interval: Option<Spanned<HumanDuration>>,
+    /// Take the upstream's `Cache-Control: max-age` as the least wait before the next poll.
+    #[serde(default)]
+    pub honor_cache_control: bool,
     /// How changes are sent.
     #[serde(default)]
     pub diff: DiffMode,
@@ -382,6 +428,19 @@ pub struct RouteSection {
     /// Local JWT verification: `{ alg = "RS256", key = "pub.pem", claim = "sub" }`.
     #[serde(default)]
     pub jwt: Option<Spanned<super::auth::JwtSection>>,
+    /// Plain GETs: `"pass"` (default: always to the upstream) or `"topic"` (answered from the
+    /// state of a live topic of the same resource and credential, when herald can vouch for it).
+    #[serde(default)]
+    pub serve_get: ServeGet,
+}
+
+/// Who answers a plain GET on a streamable route (`serve_get`).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServeGet {
+    #[default]
+    Pass,
+    Topic,
 }
 
 /// One entry of a route's `refuse` list: a status, a status class, or `"html"`.

@@ -142,11 +142,23 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             },
             &mut push,
         );
+        let source =
+            super::source::validate_source(r.source.as_ref(), r.path.get_ref(), &label, &mut push);
+        let max_interval = super::source::validate_max_interval(
+            r.max_interval.as_ref(),
+            interval,
+            &label,
+            &mut push,
+        );
         route_paths.push(r.path.span());
         routes.push(Route {
             template: r.path.into_inner(),
             interval,
+            source,
+            max_interval,
+            honor_cache_control: r.honor_cache_control,
             diff: r.diff,
+            serve_get: r.serve_get,
             array_key: r.array_key,
             timeout,
             query: r.query,
@@ -210,6 +222,8 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             hosts,
         }
     });
+    let polling = super::source::validate_polling(&file.polling, &mut push);
+    let publish = super::source::validate_publish(&file.publish, &mut push);
     let mux = validate_mux(&file.mux, &routes, &route_paths, &mut push);
     let compression = Compression {
         enabled: file.compression.enabled,
@@ -261,6 +275,8 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             .map(super::Secret),
     };
 
+    let redis = validate_redis(&file.cluster, secret.is_some(), &mut push);
+
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -305,7 +321,9 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         cors,
         mux,
         admin,
-        cluster: super::Cluster { secret },
+        cluster: super::Cluster { secret, redis },
+        polling,
+        publish,
         log: super::Log {
             access: file.log.access,
         },
@@ -551,6 +569,123 @@ fn validate_tls(t: model::TlsSection, push: &mut impl FnMut(Range<usize>, &str, 
             ticket_key: t.ticket_key,
         },
     }
+}
+
+/// The shortest lease accepted: renewals go out every third of it.
+const MIN_LEASE: Duration = Duration::from_millis(500);
+
+/// `[cluster] redis` and its companions; None without `redis`.
+fn validate_redis(
+    c: &model::ClusterSection,
+    has_secret: bool,
+    push: &mut impl FnMut(Range<usize>, &str, String),
+) -> Option<super::Redis> {
+    let url = c.redis.as_ref()?;
+    let scheme_ok = reqwest::Url::parse(url.get_ref())
+        .map(|u| matches!(u.scheme(), "redis" | "rediss") && u.host_str().is_some())
+        .unwrap_or(false);
+    if !scheme_ok {
+        push(
+            url.span(),
+            "cluster.redis",
+            "expected a URL like \"redis://host:6379\" or \"rediss://user:password@host:6380/0\""
+                .into(),
+        );
+    }
+    if !has_secret {
+        push(
+            url.span(),
+            "cluster.redis",
+            format!(
+                "needs cluster.secret (or {}): every node must key per-credential topics alike",
+                super::CLUSTER_SECRET_ENV
+            ),
+        );
+    }
+    let node = match &c.node {
+        Some(n) => {
+            let ok = !n.get_ref().is_empty()
+                && n.get_ref().len() <= 64
+                && n.get_ref()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                push(
+                    n.span(),
+                    "cluster.node",
+                    "expected 1 to 64 letters, digits, '.', '_' or '-'".into(),
+                );
+            }
+            n.get_ref().clone()
+        }
+        None => default_node(),
+    };
+    let prefix = c.prefix.get_ref();
+    if prefix.is_empty() || prefix.len() > 64 || prefix.contains(['{', '}', ' ']) {
+        push(
+            c.prefix.span(),
+            "cluster.prefix",
+            "expected 1 to 64 characters, without spaces or braces".into(),
+        );
+    }
+    let lease = at_least(&c.lease, "cluster.lease", MIN_LEASE, push);
+    let retention = *c.retention.get_ref();
+    if retention == 0 {
+        push(
+            c.retention.span(),
+            "cluster.retention",
+            "must be at least 1 (events kept per topic)".into(),
+        );
+    }
+    let retention_age = at_least(
+        &c.retention_age,
+        "cluster.retention_age",
+        Duration::from_secs(1),
+        push,
+    );
+    let local_fallback = match c.on_unavailable.get_ref().as_str() {
+        "fail" => false,
+        "local" => true,
+        other => {
+            push(
+                c.on_unavailable.span(),
+                "cluster.on_unavailable",
+                format!("expected \"fail\" or \"local\", got {other:?}"),
+            );
+            false
+        }
+    };
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    Some(super::Redis {
+        url: super::Secret(url.get_ref().clone()),
+        username: env(super::REDIS_USERNAME_ENV),
+        password: env(super::REDIS_PASSWORD_ENV).map(super::Secret),
+        node,
+        prefix: prefix.clone(),
+        lease,
+        retention,
+        retention_age,
+        local_fallback,
+    })
+}
+
+/// `$HOSTNAME` (a pod's name), else a random name drawn once per process (so a reload does not
+/// see a different node).
+fn default_node() -> String {
+    static RANDOM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
+        .unwrap_or_else(|| {
+            RANDOM
+                .get_or_init(|| format!("node-{:08x}", rand::random::<u32>()))
+                .clone()
+        })
 }
 
 /// A duration that must be at least `min`: reported at its line if not.

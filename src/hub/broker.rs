@@ -82,6 +82,29 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Events of topic `id` after `since`, for a watcher its channel cannot serve.
     fn history(&self, id: TopicId, since: Position) -> BoxFuture<'_, Result<Replay, BrokerError>>;
+
+    /// Whether history outlives this process (a shared store): a stream resuming from a
+    /// `Last-Event-ID` on a channel that just opened waits for its past to arrive.
+    fn shared_history(&self) -> bool {
+        false
+    }
+
+    /// Whether other nodes still have watchers of topic `id`: its writer here keeps it open
+    /// (and keeps polling) after its own watchers left.
+    fn watched_elsewhere(&self, _id: TopicId) -> bool {
+        false
+    }
+
+    /// Resolves once what `detach` started is done (leases given back), bounded: awaited at a
+    /// clean shutdown, after every topic closed.
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(future::ready(()))
+    }
+
+    /// The node that writes topic `id`, if another process may (for the status page).
+    fn writer(&self, _id: TopicId) -> Option<String> {
+        None
+    }
 }
 
 /// The single-process broker: one channel per topic, which is also its history; every node is

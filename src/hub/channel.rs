@@ -167,6 +167,7 @@ impl Channel {
                 st.failing = None;
             }
             EventKind::UpstreamError => st.failing = Some(ev.clone()),
+            EventKind::Pass | EventKind::Reset => st.failing = None,
         }
         st.head = seq;
         st.history.push(ev);
@@ -241,7 +242,20 @@ impl Channel {
             last_change: humantime::format_rfc3339_millis(changed_at).to_string(),
             age_s: changed_at.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             failing: st.failing.is_some(),
+            source: None,
+            writer: None,
         }
+    }
+
+    /// The current document and the position of the event that made it, unless the upstream is
+    /// failing or refused the topic (then the state is not the upstream's to vouch for).
+    pub fn current(&self) -> Option<(Position, Arc<Doc>)> {
+        let st = self.lock();
+        if st.failing.is_some() || st.refused.is_some() || st.closed {
+            return None;
+        }
+        let c = st.current.as_ref()?;
+        Some((Position::new(st.epoch, c.seq), c.doc.clone()))
     }
 
     /// The status the upstream refused the topic's credentials with, if it did.
@@ -265,6 +279,12 @@ impl Channel {
     /// is of this epoch and still covered by history, else start fresh.
     pub fn resume_cursor(&self, last: Option<Position>) -> Cursor {
         let Some(last) = last else {
+            let st = self.lock();
+            // A pass-through topic has no state to snapshot: the watcher starts with the events
+            // to come (and the current upstream error, if failing).
+            if self.settings.pass_through && st.epoch != 0 && st.failing.is_none() {
+                return Cursor::At(Position::new(st.epoch, st.head));
+            }
             return Cursor::Fresh;
         };
         let st = self.lock();

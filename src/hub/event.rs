@@ -90,6 +90,10 @@ pub enum EventKind {
     Snapshot,
     Patch,
     UpstreamError,
+    /// An upstream event re-broadcast as is (a `pass` push route).
+    Pass,
+    /// The upstream stream could not resume: events may have been missed; start over.
+    Reset,
     /// The upstream refused the topic's credentials (status 401, 403…): every watcher's access
     /// ends. Never written to a stream; each watcher ends with its own `error` event.
     Refused(u16),
@@ -101,6 +105,8 @@ impl EventKind {
             EventKind::Snapshot => "snapshot",
             EventKind::Patch => "patch",
             EventKind::UpstreamError => "upstream-error",
+            EventKind::Pass => "message",
+            EventKind::Reset => "reset",
             EventKind::Refused(_) => "refused",
         }
     }

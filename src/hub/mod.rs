@@ -13,7 +13,7 @@ mod writer;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::config;
 use crate::diff;
 use crate::routes::{Route, TopicId, TopicKey};
-use crate::source::{Source, SourceError, Target};
+use crate::source::{Document, Feed, Source, SourceError, StatsView, Target, TopicStats, Update};
 use crate::telemetry::{Metrics, RouteMetrics};
 
 pub use broker::{Broker, BrokerError, Lease, MemoryBroker, Replay};
@@ -144,6 +144,50 @@ pub struct Doc {
     pub json: bool,
 }
 
+/// When the upstream last agreed with a topic's published state: a read equal to it, or the read
+/// that made it. Cleared while the upstream fails or a newer change is held back, so a plain GET
+/// is answered from the topic only while its state is the upstream's (`serve_get`).
+#[derive(Debug, Clone, Default)]
+pub struct Freshness(Arc<FreshnessInner>);
+
+#[derive(Debug, Default)]
+struct FreshnessInner {
+    /// Unix milliseconds of the last agreement; 0 while not known to agree.
+    at: AtomicU64,
+    marked: Notify,
+}
+
+impl Freshness {
+    fn now_ms() -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis().max(1) as u64)
+    }
+
+    pub fn mark(&self) {
+        self.0.at.store(Self::now_ms(), Ordering::Relaxed);
+        self.0.marked.notify_waiters();
+    }
+
+    pub fn clear(&self) {
+        self.0.at.store(0, Ordering::Relaxed);
+    }
+
+    /// How long ago the upstream last agreed; `None` while it is not known to.
+    pub fn age(&self) -> Option<Duration> {
+        match self.0.at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(Self::now_ms().saturating_sub(at))),
+        }
+    }
+
+    /// Resolves at the next agreement (a read that confirmed or changed the state) after this
+    /// call, whenever it is first polled.
+    pub fn next_mark(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.marked.notified()
+    }
+}
+
 /// What a watcher should send next.
 pub enum Delivery {
     Nothing,
@@ -168,6 +212,9 @@ pub struct TopicSettings {
     pub per_credential: bool,
     /// Upstream answers that mean "these credentials are refused" (the route's `refuse`).
     pub refuse: config::Refusal,
+    /// Upstream events are passed through (no state to snapshot): a new watcher starts with the
+    /// events to come.
+    pub pass_through: bool,
 }
 
 impl TopicSettings {
@@ -225,6 +272,12 @@ pub struct Topic {
     cancel: CancellationToken,
     /// Asks the source for a fresh read now.
     poke: Arc<Notify>,
+    /// When the upstream last agreed with the published state.
+    pub fresh: Freshness,
+    /// What the source reports (status page).
+    pub stats: Arc<TopicStats>,
+    /// The writer's input, for states published to herald directly (`POST /_herald/publish`).
+    feed: Feed,
     /// Counts against the budget of the client that opened it.
     _budget: BudgetSlot,
 }
@@ -237,7 +290,21 @@ impl Topic {
 
     /// Ask the source for a fresh read now.
     pub fn poke(&self) {
+        self.stats.poked();
         self.poke.notify_one();
+    }
+
+    /// Ask for a read now unless one is under way (a read in flight answers the asker too, so
+    /// it must not leave a second one owed): for readers of the state, not for news of a change.
+    pub fn refresh(&self) {
+        self.poke.notify_waiters();
+    }
+
+    /// Hand the writer a new state of the resource, as if the source had read it (diffed and
+    /// fanned out). False if the topic is gone.
+    pub async fn publish_state(&self, doc: Document) -> bool {
+        self.stats.poked();
+        self.feed.send(Update::Document(doc)).await.is_ok()
     }
 }
 
@@ -267,6 +334,12 @@ pub struct TopicInfo {
     /// Seconds since then.
     pub age_s: f64,
     pub failing: bool,
+    /// What its source has been doing (kind, reads, changes, interval, connection, pokes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<StatsView>,
+    /// The node that writes the topic (a cluster; None: this one, alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 #[derive(Clone)]
@@ -371,12 +444,16 @@ impl Hub {
         let id = key.id();
         let channel = Arc::new(Channel::new(key.clone(), settings.clone()));
         inner.broker.attach(id, &channel);
+        let (feed, mut updates) = Feed::channel();
         let topic = Arc::new(Topic {
             id,
             route: route.clone(),
             channel,
             cancel: inner.cancel.child_token(),
             poke: Arc::new(Notify::new()),
+            fresh: Freshness::default(),
+            stats: Arc::new(TopicStats::default()),
+            feed: feed.clone(),
             key,
             _budget: budget,
         });
@@ -386,6 +463,7 @@ impl Hub {
             credentials,
             metrics: settings.metrics.clone(),
             poke: topic.poke.clone(),
+            stats: topic.stats.clone(),
         };
         let (broker, source, cancel) = (
             inner.broker.clone(),
@@ -393,21 +471,53 @@ impl Hub {
             topic.cancel.clone(),
         );
         let resource = topic.key.resource.clone();
+        let fresh = topic.fresh.clone();
         debug!(topic = %id, "topic opened");
         inner.tracker.spawn(async move {
-            let lease = tokio::select! {
-                _ = cancel.cancelled() => return,
-                l = broker.lead(id) => l,
-            };
-            match lease {
-                Ok(lease) => {
-                    let w = writer::Writer::new(id, resource, settings, broker, lease);
-                    writer::run(source, target, w, cancel).await;
+            // In a cluster the lease can be lost (another node took the topic over); this node
+            // then waits to lead again, in case that node goes away while watchers are here.
+            loop {
+                let lease = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    l = broker.lead(id) => l,
+                };
+                match lease {
+                    Ok(lease) => {
+                        let w = writer::Writer::new(
+                            id,
+                            resource.clone(),
+                            settings.clone(),
+                            broker.clone(),
+                            lease,
+                            fresh.clone(),
+                        );
+                        let lost = writer::run(
+                            source.clone(),
+                            target.clone(),
+                            w,
+                            feed.clone(),
+                            &mut updates,
+                            cancel.clone(),
+                        )
+                        .await;
+                        if !lost || cancel.is_cancelled() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(topic = %id, error = %e, "cannot lead the topic");
+                        return;
+                    }
                 }
-                Err(e) => warn!(topic = %id, error = %e, "cannot lead the topic"),
             }
         });
         topic
+    }
+
+    /// Whether history lives outside this process (a cluster): a channel opened here may learn
+    /// its past after it opens.
+    pub fn clustered(&self) -> bool {
+        self.inner.broker.shared_history()
     }
 
     /// Number of live topics.
@@ -428,7 +538,15 @@ impl Hub {
     /// Every live topic, as the status page shows them.
     pub fn topics_info(&self) -> Vec<TopicInfo> {
         let topics: Vec<Arc<Topic>> = self.lock_topics().values().cloned().collect();
-        topics.iter().map(|t| t.channel.info()).collect()
+        topics
+            .iter()
+            .map(|t| {
+                let mut info = t.channel.info();
+                info.source = Some(t.stats.view());
+                info.writer = self.inner.broker.writer(t.id);
+                info
+            })
+            .collect()
     }
 
     /// Wake every watcher (for shutdown: they see the flag and send their last event).
@@ -495,8 +613,12 @@ impl Hub {
     /// writers.
     pub fn expire_idle(&self, now: Instant) {
         let mut closed = Vec::new();
+        let broker = &self.inner.broker;
         self.lock_topics().retain(|_, topic| {
-            if topic.channel.close_if_idle(now) {
+            // A writer whose watchers left keeps the topic while other nodes watch it (never
+            // one that was refused).
+            let keep = broker.watched_elsewhere(topic.id) && topic.channel.refused().is_none();
+            if !keep && topic.channel.close_if_idle(now) {
                 closed.push(topic.clone());
                 false
             } else {
@@ -507,6 +629,17 @@ impl Hub {
             self.close(&topic);
             debug!(topic = %topic.id, "topic closed: no watchers");
         }
+    }
+
+    /// Close every topic (a clean shutdown, after the streams drained): writers stop and the
+    /// broker hears of it (in a cluster, their leases go to other nodes at once).
+    pub async fn close_all(&self) {
+        let topics: Vec<Arc<Topic>> = self.lock_topics().drain().map(|(_, t)| t).collect();
+        for topic in &topics {
+            topic.channel.close();
+            self.close(topic);
+        }
+        self.inner.broker.flush().await;
     }
 
     fn close(&self, topic: &Topic) {
@@ -534,6 +667,8 @@ impl Hub {
             metrics: self.inner.metrics.route(&route.template),
             per_credential: r.auth.sharing != config::auth::Sharing::All,
             refuse: r.refuse.clone(),
+            pass_through: r.source.kind == config::source::SourceKind::Sse
+                && r.source.mode == config::source::PushMode::Pass,
         })
     }
 

@@ -13,22 +13,30 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::broker::{Broker, Lease};
-use super::{envelope, Doc, Draft, EventKind, PatchFormat, TopicSettings};
+use super::{envelope, Doc, Draft, EventKind, Freshness, PatchFormat, TopicSettings};
 use crate::diff::{self, Change};
 use crate::routes::TopicId;
 use crate::source::{Document, Feed, Source, SourceError, Target, Update};
 
-/// Run a topic: its source feeds its writer until `cancel` fires or the upstream refuses the
-/// topic's credentials (which ends the topic).
+/// Run a topic: its source feeds its writer until `cancel` fires, the upstream refuses the
+/// topic's credentials (which ends the topic) or the lease is lost (true: the source stops too,
+/// another node writes the topic now).
 pub(super) async fn run(
     source: Arc<dyn Source>,
     target: Target,
     writer: Writer,
+    feed: Feed,
+    updates: &mut mpsc::Receiver<Update>,
     cancel: CancellationToken,
-) {
-    let (feed, updates) = Feed::channel();
-    let reading = source.run(target, feed, cancel.clone());
-    tokio::join!(reading, writer.run(updates, cancel));
+) -> bool {
+    let stop = cancel.child_token();
+    let reading = source.run(target, feed, stop.clone());
+    let writing = async {
+        let lost = writer.run(updates, cancel).await;
+        stop.cancel();
+        lost
+    };
+    tokio::join!(reading, writing).1
 }
 
 pub(super) struct Writer {
@@ -40,9 +48,14 @@ pub(super) struct Writer {
     doc: Option<Arc<Doc>>,
     changed_at: SystemTime,
     failing: bool,
+    /// The broker could not take the last event (its store was unreachable): the next read
+    /// republishes the whole state, so nobody keeps a state that missed a change.
+    unsent: bool,
     /// The newest change held back by coalescing, and when the last one went out.
     held: Option<Document>,
     last_sent: Option<Instant>,
+    /// When the upstream last agreed with what was published (for GETs served from the topic).
+    fresh: Freshness,
 }
 
 /// Why the writer stopped publishing.
@@ -59,6 +72,7 @@ impl Writer {
         settings: Arc<TopicSettings>,
         broker: Arc<dyn Broker>,
         lease: Lease,
+        fresh: Freshness,
     ) -> Writer {
         Writer {
             id,
@@ -69,19 +83,26 @@ impl Writer {
             doc: None,
             changed_at: SystemTime::now(),
             failing: false,
+            unsent: false,
             held: None,
             last_sent: None,
+            fresh,
         }
     }
 
-    async fn run(mut self, mut updates: mpsc::Receiver<Update>, cancel: CancellationToken) {
+    /// Returns true when it stopped because the lease was lost.
+    async fn run(
+        mut self,
+        updates: &mut mpsc::Receiver<Update>,
+        cancel: CancellationToken,
+    ) -> bool {
         loop {
             let due = self.due();
             let flow = tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.lease.lost() => {
                     debug!(topic = %self.id, "lease lost: another node writes this topic");
-                    break;
+                    return true;
                 }
                 u = updates.recv() => match u {
                     Some(u) => self.offer(u, Instant::now()).await,
@@ -96,6 +117,7 @@ impl Writer {
                 break;
             }
         }
+        false
     }
 
     /// When the held change is due, if any.
@@ -110,7 +132,9 @@ impl Writer {
             Update::Document(doc) => {
                 let window = self.settings.min_interval;
                 if self.last_sent.is_some_and(|t| now < t + window) {
+                    // What was published is behind the upstream until the window ends.
                     self.held = Some(doc);
+                    self.fresh.clear();
                     Flow::Continue
                 } else {
                     self.held = None;
@@ -121,20 +145,46 @@ impl Writer {
             // The held change is newer news than "unchanged"; it goes out when the window ends.
             Update::Unchanged if self.held.is_some() => Flow::Continue,
             Update::Unchanged => {
-                if self.failing {
+                if self.failing || self.unsent {
                     self.recovered().await;
                 }
+                self.fresh.mark();
                 Flow::Continue
             }
             Update::Failed(e) => {
+                self.fresh.clear();
                 // A failure follows whatever change was held, in order.
-                if let Some(held) = self.held.take() {
-                    if let Flow::End = self.document(held).await {
-                        return Flow::End;
-                    }
+                if let Flow::End = self.flush_held(now).await {
+                    return Flow::End;
                 }
                 self.failed(e).await
             }
+            // Passed events are not states: none is coalesced or dropped.
+            Update::Pass(data) => {
+                self.flush_held(now).await;
+                self.failing = false;
+                self.publish(EventKind::Pass, None, &data, None).await;
+                Flow::Continue
+            }
+            Update::Reset => {
+                self.flush_held(now).await;
+                if self.doc.take().is_none() {
+                    // Nothing to send a snapshot of (a pass route): say that events were missed.
+                    self.publish(EventKind::Reset, None, b"null", None).await;
+                }
+                // Otherwise the next document goes out as a snapshot.
+                Flow::Continue
+            }
+        }
+    }
+
+    async fn flush_held(&mut self, now: Instant) -> Flow {
+        match self.held.take() {
+            Some(held) => {
+                self.last_sent = Some(now);
+                self.document(held).await
+            }
+            None => Flow::Continue,
         }
     }
 
@@ -155,12 +205,15 @@ impl Writer {
             Some(d) => Arc::new(d),
             None => return Flow::Continue,
         };
-        let was_failing = std::mem::take(&mut self.failing);
+        // After a failure, or an event the broker did not take, watchers get the whole state.
+        let unsent = std::mem::take(&mut self.unsent);
+        let was_failing = std::mem::take(&mut self.failing) || unsent;
         let old = self.doc.clone();
         if old.as_deref() == Some(&*new) {
             if was_failing {
                 self.recovered().await;
             }
+            self.fresh.mark();
             return Flow::Continue;
         }
         let change = match (old.as_deref(), &doc) {
@@ -191,6 +244,7 @@ impl Writer {
                     .await;
             }
         }
+        self.fresh.mark();
         Flow::Continue
     }
 
@@ -268,8 +322,12 @@ impl Writer {
             changed_at: self.changed_at,
             made: StdInstant::now(),
         };
-        if let Err(e) = self.broker.publish(self.id, &self.lease, draft).await {
-            warn!(topic = %self.id, error = %e, "event not published");
+        match self.broker.publish(self.id, &self.lease, draft).await {
+            Ok(_) => self.unsent = false,
+            Err(e) => {
+                self.unsent = matches!(e, super::BrokerError::Unavailable(_));
+                warn!(topic = %self.id, error = %e, "event not published");
+            }
         }
     }
 }
@@ -307,6 +365,7 @@ mod tests {
             metrics: Arc::new(crate::telemetry::Metrics::new()).route("/t"),
             per_credential: false,
             refuse: Default::default(),
+            pass_through: false,
         })
     }
 
@@ -322,7 +381,14 @@ mod tests {
         let broker = Arc::new(MemoryBroker::default());
         broker.attach(key.id(), &channel);
         let lease = broker.lease_now(key.id());
-        let w = Writer::new(key.id(), key.resource.clone(), settings, broker, lease);
+        let w = Writer::new(
+            key.id(),
+            key.resource.clone(),
+            settings,
+            broker,
+            lease,
+            Freshness::default(),
+        );
         (w, channel)
     }
 

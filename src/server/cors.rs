@@ -57,6 +57,11 @@ pub fn decorate(cfg: &Cors, origin: Option<&HeaderValue>, headers: &mut HeaderMa
         return;
     };
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+    // What a page reads of herald's own answers: a GET's stream position, a refusal's wait.
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("herald-event-id, retry-after"),
+    );
     if cfg.credentials {
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
@@ -220,6 +225,10 @@ mod tests {
         );
         replace(&c, None, &mut h);
         assert_eq!(h[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
-        assert!(!h.contains_key(header::ACCESS_CONTROL_EXPOSE_HEADERS));
+        // The upstream's list is gone; herald's own (what a page reads of its answers) is set.
+        assert_eq!(
+            h[header::ACCESS_CONTROL_EXPOSE_HEADERS],
+            "herald-event-id, retry-after"
+        );
     }
 }

@@ -8,11 +8,13 @@ mod conn;
 pub mod cors;
 mod fast;
 mod fast_tls;
+mod get;
 mod idle;
 pub mod mux;
 mod observe;
 mod open;
 pub mod proxy;
+pub mod publish;
 pub mod router;
 mod sealed;
 mod tickets;
@@ -64,6 +66,8 @@ pub struct Service {
     pub connections: Connections,
     /// `[log] access`: one line per pass-through request.
     pub access_log: bool,
+    /// `POST /_herald/publish` (on the main listener only at `[publish] path`).
+    pub publish: Arc<publish::Publisher>,
 }
 
 /// How streams run (`[sse]`), and the flag that ends them all at shutdown.

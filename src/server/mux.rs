@@ -185,7 +185,7 @@ fn auth_query(watched: &str, request: Option<&str>) -> Option<String> {
 }
 
 /// `application/x-www-form-urlencoded` decoding of one query value (`+` is a space).
-fn form_decode(v: &str) -> Option<String> {
+pub(super) fn form_decode(v: &str) -> Option<String> {
     let bytes = crate::routes::percent_decode(&v.replace('+', " "))?;
     String::from_utf8(bytes).ok()
 }
@@ -236,18 +236,13 @@ async fn open(
             Err(refused) => return refused.response(),
         }
     }
-    let last_event_id = req
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(last_q);
     let stream = StreamRequest {
         headers: req.headers(),
         version: req.version(),
         conn,
+        query_last_event_id: last_q,
     };
-    open::mux(svc, &stream, targets, last_event_id).await
+    open::mux(svc, &stream, targets).await
 }
 
 /// A control request's body, read whole (bounded in size and time) and checked to be JSON.

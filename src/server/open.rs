@@ -32,14 +32,18 @@ pub struct StreamRequest<'a> {
     pub headers: &'a HeaderMap,
     pub version: Version,
     pub conn: &'a ConnInfo,
+    /// The `last_event_id` query parameter: where a client that cannot set the header (a first
+    /// `EventSource` open, from a page's `Herald-Event-Id`) starts. The header wins.
+    pub query_last_event_id: Option<String>,
 }
 
 impl StreamRequest<'_> {
-    /// The `Last-Event-ID` header, if any.
+    /// Where the client says it is: the `Last-Event-ID` header, else its query stand-in.
     fn last_event_id(&self) -> Option<&str> {
         self.headers
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
+            .or(self.query_last_event_id.as_deref())
     }
 
     /// The stream's slot. An HTTP/1 connection carries this one stream, so a stuck reader can be
@@ -170,10 +174,11 @@ pub(super) fn subscribe(
 const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(10);
 
 /// Wait (bounded) until a per-credential topic has answered: its first event, or a refusal.
-/// Shared topics are never refused, so nothing is waited for.
-async fn first_answer(sub: &Subscription) {
+/// Shared topics are never refused, so nothing is waited for, unless `resuming` (a stream with a
+/// `Last-Event-ID` in a cluster, whose new channel learns its past from the shared history).
+async fn first_answer(sub: &Subscription, resuming: bool) {
     let channel = &sub.topic.channel;
-    if !channel.settings().per_credential || channel.settled() {
+    if (!channel.settings().per_credential && !resuming) || channel.settled() {
         return;
     }
     let limit = sub.topic.route.config.timeout.min(FIRST_ANSWER_WAIT);
@@ -225,12 +230,12 @@ pub async fn single(
         Ok(s) => s,
         Err(refused) => return refused.response(),
     };
-    first_answer(&sub).await;
+    let last = req.last_event_id();
+    first_answer(&sub, last.is_some() && svc.hub.clustered()).await;
     if let Some(status) = sub.topic.channel.refused() {
         debug!(route = %target.route.template, status, "stream refused by the upstream");
         return refusal(status).response();
     }
-    let last = req.last_event_id();
     let cursor = sub
         .topic
         .channel
@@ -248,12 +253,11 @@ pub async fn single(
 }
 
 /// A multiplexed stream: every target on one connection, each authorized as a single stream
-/// would be. `last_event_id` comes from the header or its query-string stand-in.
+/// would be.
 pub async fn mux(
     svc: &Service,
     req: &StreamRequest<'_>,
     targets: Vec<Target>,
-    last_event_id: Option<String>,
 ) -> Response<ResponseBody> {
     let mut grants = Vec::with_capacity(targets.len());
     for target in targets {
@@ -280,7 +284,8 @@ pub async fn mux(
     }
     // Each watch's first answer, together: if the upstream refuses every one, the request is
     // refused; a stream with some left goes on and tells the client which were refused.
-    futures_util::future::join_all(subs.iter().map(|(sub, _)| first_answer(sub))).await;
+    let resuming = req.last_event_id().is_some() && svc.hub.clustered();
+    futures_util::future::join_all(subs.iter().map(|(sub, _)| first_answer(sub, resuming))).await;
     let refused: Vec<u16> = subs
         .iter()
         .filter_map(|(sub, _)| sub.topic.channel.refused())
@@ -297,7 +302,7 @@ pub async fn mux(
         MuxOptions {
             retry: life.retry,
             max_watches: endpoints.max_watches,
-            last_event_id,
+            last_event_id: req.last_event_id().map(str::to_string),
             control_path: endpoints.path.clone().unwrap_or_default(),
             principal,
         },

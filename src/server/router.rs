@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
 use super::open::{self, StreamRequest, Target};
-use super::{compress, cors, json_error, proxy, ResponseBody, Service};
+use super::{compress, cors, get, json_error, proxy, ResponseBody, Service};
 use crate::config::CorsPassThrough;
 use crate::logging::Access;
 use crate::sse::mux::WatchInfo;
@@ -37,6 +37,9 @@ pub async fn handle(
     if svc.mux.owns(req.uri().path()) {
         return super::mux::handle(&svc, req, &conn).await;
     }
+    if svc.publish.owns(req.uri().path()) {
+        return svc.publish.handle(req).await;
+    }
     if let Some(resp) = answer(&svc, &req, &conn).await {
         return resp;
     }
@@ -45,7 +48,18 @@ pub async fn handle(
     // HEAD must describe what an uncompressed GET would send.
     let gzip = req.method() != Method::HEAD && compress::accepts_gzip(req.headers());
     let access = Access::start(&req, conn.peer, svc.access_log);
+    // A plain GET on a streamable route: from the live topic, or passed through and marked.
+    let plain = get::classify(&svc, &req).await;
+    if let Some(p) = &plain {
+        if let Some(resp) = p.answer(&svc, &req, &conn).await {
+            return access.wrap(compress::pass_through(resp, gzip, &svc.compression));
+        }
+    }
     let resp = proxy::forward(&svc, req, &conn).await;
+    let resp = match &plain {
+        Some(p) => p.mark(resp).await,
+        None => resp,
+    };
     let mut resp = compress::pass_through(resp, gzip, &svc.compression);
     if let Some(c) = cors_cfg.filter(|c| c.pass_through == CorsPassThrough::Override) {
         cors::replace(c, origin.as_ref(), resp.headers_mut());
@@ -81,7 +95,9 @@ pub async fn answer<B>(
         return Some(refused);
     }
     let origin = cors_cfg.and_then(|_| req.headers().get(header::ORIGIN).cloned());
-    let mut resp = match svc.routes.resolve(req.uri().path(), req.uri().query()) {
+    // `last_event_id` says where the client is, not what it watches: never part of the topic.
+    let (query, query_last_event_id) = take_last_event_id(req.uri().query());
+    let mut resp = match svc.routes.resolve(req.uri().path(), query.as_deref()) {
         Ok(Some(_)) if !cors::origin_allowed(cors_cfg, req, conn.tls) => {
             svc.metrics.reject("cors-origin");
             cors::refuse_origin()
@@ -95,12 +111,13 @@ pub async fn answer<B>(
                 route,
                 key,
                 info,
-                query: req.uri().query().map(str::to_string),
+                query,
             };
             let stream = StreamRequest {
                 headers: req.headers(),
                 version: req.version(),
                 conn,
+                query_last_event_id,
             };
             open::single(svc, &stream, target).await
         }
@@ -111,6 +128,29 @@ pub async fn answer<B>(
         cors::decorate(c, origin.as_ref(), resp.headers_mut());
     }
     Some(resp)
+}
+
+/// `query` without its `last_event_id` parameter, and that parameter's (decoded) value.
+fn take_last_event_id(query: Option<&str>) -> (Option<String>, Option<String>) {
+    let Some(q) = query else {
+        return (None, None);
+    };
+    let mut found = None;
+    let rest: Vec<&str> = q
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("last_event_id=") {
+            Some(v) => {
+                found = super::mux::form_decode(v);
+                false
+            }
+            None => true,
+        })
+        .collect();
+    if found.is_none() && rest.len() == q.split('&').count() {
+        return (Some(q.to_string()), None);
+    }
+    let rest = rest.join("&");
+    ((!rest.is_empty()).then_some(rest), found)
 }
 
 /// Whether `Accept` lists `text/event-stream` with a non-zero q (e.g. what `EventSource` sends).

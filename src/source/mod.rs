@@ -1,13 +1,21 @@
 //! Where a topic's documents come from. A [`Source`] feeds one topic until cancelled, sending each
 //! [`Update`] through the topic's [`Feed`]; the hub's writer does the rest (coalescing, diff,
-//! sequence). Polling (`poll`) is one source; [`Origin`] is the HTTP client they share.
+//! sequence). Polling (`poll`) is one source, upstream SSE (`sse`) and JSON lines (`ndjson`)
+//! push sources sharing one reconnect loop (`push`); [`Sources`] picks one per route. [`Origin`]
+//! is the HTTP client they share, [`Budget`] the upstream's request budget.
 //!
 //! ```text
 //! Source::run(target, feed, cancel) ──Update──► Feed ──► hub writer (coalesce → diff → publish)
 //! ```
 
+pub mod budget;
+pub mod hints;
+mod ndjson;
 pub mod origin;
 mod poll;
+mod push;
+mod sse;
+pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +29,10 @@ use tokio_util::sync::CancellationToken;
 use crate::routes::Route;
 use crate::telemetry::RouteMetrics;
 
+pub use budget::Budget;
 pub use origin::Origin;
 pub use poll::Poller;
+pub use stats::{Connection, StatsView, TopicStats};
 
 /// A document as a source read it, checked as far as its content type allows.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +60,12 @@ pub enum Update {
     Unchanged,
     /// The source could not read the resource; the last good state stays.
     Failed(SourceError),
+    /// An upstream event to re-broadcast as is (a pass-through push route): its data as JSON
+    /// text (a `data:` that is not JSON as a JSON string).
+    Pass(Bytes),
+    /// The source lost track of the upstream (a push stream that could not resume): what comes
+    /// next is not a continuation, so watchers must start over from a fresh snapshot.
+    Reset,
 }
 
 /// Why a source could not read its resource. `Clone` so one failure can be told to every watcher.
@@ -95,7 +111,7 @@ impl SourceError {
 }
 
 /// The topic a source is asked to feed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Target {
     pub route: Arc<Route>,
     /// The upstream path and canonical query (`/api/builds/42?page=2`).
@@ -107,12 +123,48 @@ pub struct Target {
     pub metrics: Arc<RouteMetrics>,
     /// Notified to ask for a fresh read now (a poke), whatever the schedule says.
     pub poke: Arc<Notify>,
+    /// What the source reports about itself (status page).
+    pub stats: Arc<TopicStats>,
 }
 
 /// Feeds one topic until `cancel` fires. Implementations send every update through `feed`, in
 /// order, and return when cancelled or when the feed is closed (the topic is gone).
 pub trait Source: Send + Sync + 'static {
     fn run(&self, target: Target, feed: Feed, cancel: CancellationToken) -> BoxFuture<'static, ()>;
+}
+
+/// Every kind of source, chosen per route (`source = { kind = ... }`).
+#[derive(Debug, Clone)]
+pub struct Sources {
+    origin: Origin,
+    budget: Arc<Budget>,
+}
+
+impl Sources {
+    pub fn new(origin: Origin, budget: Arc<Budget>) -> Sources {
+        Sources { origin, budget }
+    }
+}
+
+impl Source for Sources {
+    fn run(&self, target: Target, feed: Feed, cancel: CancellationToken) -> BoxFuture<'static, ()> {
+        use crate::config::source::SourceKind;
+        let origin = self.origin.clone();
+        match target.route.config.source.kind {
+            SourceKind::Poll => Poller::new(origin, self.budget.clone()).run(target, feed, cancel),
+            SourceKind::Sse => {
+                let decoder = sse::Decoder::new(
+                    target.route.config.source.mode,
+                    target.route.config.max_body,
+                );
+                Box::pin(push::run(origin, target, feed, cancel, decoder))
+            }
+            SourceKind::Ndjson => {
+                let decoder = ndjson::Decoder::new(target.route.config.max_body);
+                Box::pin(push::run(origin, target, feed, cancel, decoder))
+            }
+        }
+    }
 }
 
 /// The sending side of a topic's updates. Bounded: a source that outpaces its writer waits.

@@ -1,6 +1,8 @@
 //! The polling source: one request per interval (jittered so topics do not poll in step),
 //! conditional requests with the last `ETag`/`Last-Modified`, a timeout on every request,
 //! exponential backoff with full jitter while the upstream fails, and a poll at once when poked.
+//! Every request waits for the upstream's [`Budget`]; the next poll's time follows `hints`
+//! (adaptive interval, `Cache-Control: max-age`, `Retry-After`).
 
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
@@ -14,34 +16,48 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use super::budget::Budget;
+use super::hints::{self, Adaptive};
 use super::{parse_body, Feed, Origin, Source, SourceError, Target, Update};
+use crate::config::source::SourceKind;
 
 /// Longest wait between polls while the upstream keeps failing (or the interval, if longer).
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Validators and fingerprint of the last good response.
+/// Validators and fingerprint of the last good response, and what it said about the next poll.
 #[derive(Default)]
 struct Last {
     etag: Option<HeaderValue>,
     last_modified: Option<HeaderValue>,
     fingerprint: Option<(usize, u64)>,
+    /// `Cache-Control: max-age` of the last answer.
+    max_age: Option<std::time::Duration>,
+    /// `Retry-After` of the last 429 or 503.
+    retry_after: Option<std::time::Duration>,
 }
 
 /// Polls the origin: the source of every route without another one.
 #[derive(Debug, Clone)]
 pub struct Poller {
     origin: Origin,
+    budget: std::sync::Arc<Budget>,
 }
 
 impl Poller {
-    pub fn new(origin: Origin) -> Poller {
-        Poller { origin }
+    pub fn new(origin: Origin, budget: std::sync::Arc<Budget>) -> Poller {
+        Poller { origin, budget }
     }
 }
 
 impl Source for Poller {
     fn run(&self, target: Target, feed: Feed, cancel: CancellationToken) -> BoxFuture<'static, ()> {
-        Box::pin(run(self.origin.clone(), target, feed, cancel))
+        Box::pin(run(
+            self.origin.clone(),
+            self.budget.clone(),
+            target,
+            feed,
+            cancel,
+        ))
     }
 }
 
@@ -51,9 +67,16 @@ struct Spec {
     interval: Duration,
     timeout: Duration,
     max_body: usize,
+    honor_cache_control: bool,
 }
 
-async fn run(origin: Origin, target: Target, feed: Feed, cancel: CancellationToken) {
+async fn run(
+    origin: Origin,
+    budget: std::sync::Arc<Budget>,
+    target: Target,
+    feed: Feed,
+    cancel: CancellationToken,
+) {
     let span = tracing::info_span!("poller", topic = %crate::telemetry::redact(&target.resource));
     async move {
         debug!("poller started");
@@ -68,26 +91,52 @@ async fn run(origin: Origin, target: Target, feed: Feed, cancel: CancellationTok
             interval: route.interval,
             timeout: route.timeout,
             max_body: route.max_body,
+            honor_cache_control: route.honor_cache_control,
         };
         let client = origin.client();
         let mut last = Last::default();
         let mut failures: u32 = 0;
         let mut next = Instant::now();
+        // No poll before this, poke or not (the upstream's `Retry-After`).
+        let mut not_before = Instant::now();
+        let mut adaptive = Adaptive::new(spec.interval, route.max_interval);
+        target.stats.set_kind(SourceKind::Poll);
+        target.stats.set_interval(adaptive.current());
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep_until(next) => {}
-                _ = target.poke.notified() => debug!("poked: polling now"),
+                _ = target.poke.notified() => {
+                    debug!("poked: polling now");
+                    adaptive.changed();
+                    if not_before > Instant::now() {
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep_until(not_before) => {}
+                        }
+                    }
+                }
             }
-            let started = Instant::now();
+            // Anchored on the start of the request (after any wait for the budget), so a slow
+            // answer does not stretch the period.
+            let mut started = Instant::now();
             let update = tokio::select! {
                 _ = cancel.cancelled() => break,
-                u = poll_once(client, &spec, &target, &mut last) => u,
+                u = async {
+                    let _permit = budget.acquire().await;
+                    started = Instant::now();
+                    poll_once(client, &spec, &target, &mut last).await
+                } => u,
             };
             let wait = match &update {
                 Update::Failed(e) => {
                     failures = failures.saturating_add(1);
-                    let wait = backoff(spec.interval, failures);
+                    let mut wait = backoff(spec.interval, failures);
+                    if let Some(ra) = last.retry_after.take() {
+                        wait = wait.max(ra);
+                        not_before = Instant::now() + ra;
+                        debug!(retry_after = ?ra, "upstream asked to wait");
+                    }
                     if failures == 1 {
                         warn!(error = %e, retry_in = ?wait, "upstream poll failed");
                     } else {
@@ -100,14 +149,28 @@ async fn run(origin: Origin, target: Target, feed: Feed, cancel: CancellationTok
                         info!(failures, "upstream recovered");
                     }
                     failures = 0;
-                    jitter(spec.interval)
+                    let changed = matches!(update, Update::Document(_));
+                    target.stats.read(changed);
+                    if changed {
+                        adaptive.changed();
+                    } else {
+                        adaptive.unchanged();
+                    }
+                    let mut wait = jitter(adaptive.current());
+                    if spec.honor_cache_control {
+                        if let Some(age) = last.max_age {
+                            wait = wait.max(age);
+                        }
+                    }
+                    wait
                 }
             };
+            target.stats.set_interval(wait);
             if feed.send(update).await.is_err() {
                 break;
             }
-            // Anchor on the start of the poll, so a slow answer does not stretch the period; never
-            // schedule in the past (a poll that took longer than the interval runs again at once).
+            // Never schedule in the past (a poll that took longer than the interval runs again
+            // at once).
             next = (started + wait).max(Instant::now());
         }
         debug!("poller stopped");
@@ -147,6 +210,13 @@ async fn poll_once(
         Err(e) => return Update::Failed(classify(&e, spec.timeout)),
     };
     let status = resp.status();
+    last.max_age = hints::max_age(resp.headers());
+    if matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+    ) {
+        last.retry_after = hints::retry_after(resp.headers());
+    }
     if status == StatusCode::NOT_MODIFIED && last.fingerprint.is_some() {
         return Update::Unchanged;
     }

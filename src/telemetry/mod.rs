@@ -58,6 +58,13 @@ pub struct ReconnectLabels {
     pub outcome: String,
 }
 
+/// A plain GET on a streamable route, by who answered it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GetLabels {
+    pub route: String,
+    pub answer: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
@@ -93,13 +100,41 @@ pub struct Metrics {
     rejected: Family<ReasonLabel, Counter>,
     reconnects: Family<ReconnectLabels, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    gets: Family<GetLabels, Counter>,
     /// Pass-through tunnels (WebSocket and other `Upgrade` exchanges).
     pub tunnels_opened: Counter,
     pub tunnels_open: Gauge,
+    /// Upstream requests that waited for the `[polling]` budget (cap or rate).
+    pub upstream_budget_waits: Counter,
     /// Handles per route template, made on first use; a route that keeps its path across a reload
     /// keeps its series.
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
+    /// What the cluster broker counts (zero without `[cluster] redis`).
+    pub cluster: ClusterMetrics,
 }
+
+/// The cluster broker's handles (`cluster`): cheap clones of shared atomics.
+#[derive(Debug, Clone)]
+pub struct ClusterMetrics {
+    /// Topic leases this node holds now (topics it writes).
+    pub leases_held: Gauge,
+    /// Leases taken of topics another node had written.
+    pub takeovers: Counter,
+    /// Events this node appended to Redis streams.
+    pub events_written: Counter,
+    /// Events this node read from Redis streams (other nodes' and its own).
+    pub events_read: Counter,
+    /// Time from an event's append to its read here, in milliseconds (the newest read).
+    pub stream_lag_ms: Gauge,
+    /// Redis command round trips (lease, publish, presence).
+    pub rtt: AtomicHistogram,
+    /// Redis commands that failed (unreachable, timed out, refused).
+    pub errors: Counter,
+}
+
+const REDIS_BUCKETS: &[f64] = &[
+    0.000_25, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -138,7 +173,18 @@ impl Metrics {
             reloads: Family::default(),
             tunnels_opened: Counter::default(),
             tunnels_open: Gauge::default(),
+            gets: Family::default(),
+            upstream_budget_waits: Counter::default(),
             routes: Mutex::new(HashMap::new()),
+            cluster: ClusterMetrics {
+                leases_held: Gauge::default(),
+                takeovers: Counter::default(),
+                events_written: Counter::default(),
+                events_read: Counter::default(),
+                stream_lag_ms: Gauge::default(),
+                rtt: AtomicHistogram::new(REDIS_BUCKETS),
+                errors: Counter::default(),
+            },
         };
         let r = &mut m.registry;
         r.register(
@@ -221,10 +267,56 @@ impl Metrics {
             "Tunnels open now",
             m.tunnels_open.clone(),
         );
+        let c = &m.cluster;
+        r.register(
+            "cluster_leases_held",
+            "Topics this node writes now (cluster leases held)",
+            c.leases_held.clone(),
+        );
+        r.register(
+            "cluster_takeovers",
+            "Leases taken of topics another node had written",
+            c.takeovers.clone(),
+        );
+        r.register(
+            "cluster_events_written",
+            "Events appended to Redis streams by this node",
+            c.events_written.clone(),
+        );
+        r.register(
+            "cluster_events_read",
+            "Events read from Redis streams by this node",
+            c.events_read.clone(),
+        );
+        r.register(
+            "cluster_stream_lag_ms",
+            "Milliseconds from the newest event's append to its read by this node",
+            c.stream_lag_ms.clone(),
+        );
+        r.register(
+            "cluster_redis_rtt_seconds",
+            "Round-trip time of Redis commands (leases, appends, presence)",
+            c.rtt.clone(),
+        );
+        r.register(
+            "cluster_redis_errors",
+            "Redis commands that failed (unreachable, timed out, refused)",
+            c.errors.clone(),
+        );
+        r.register(
+            "upstream_budget_waits",
+            "Upstream requests that waited for the [polling] budget (max_concurrent, max_rate)",
+            m.upstream_budget_waits.clone(),
+        );
         r.register(
             "config_reloads",
             "Config reloads, by result (ok, rejected)",
             m.reloads.clone(),
+        );
+        r.register(
+            "gets",
+            "Plain GETs on streamable routes, by answer: topic (served from a live topic), not-modified (304 from a topic), upstream (passed through: someone still polls)",
+            m.gets.clone(),
         );
         m
     }
@@ -244,6 +336,12 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
         };
+        let get = |answer: &str| {
+            self.gets.get_or_create_owned(&GetLabels {
+                route: template.to_string(),
+                answer: answer.to_string(),
+            })
+        };
         let r = Arc::new(RouteMetrics {
             route: template.into(),
             streams_open: self.streams_open.get_or_create_owned(&label),
@@ -257,6 +355,7 @@ impl Metrics {
             replays: reconnect("replay"),
             snapshots: reconnect("snapshot"),
             upstream_requests: self.upstream_requests.clone(),
+            gets: [get("topic"), get("not-modified"), get("upstream")],
             upstream_last_status: AtomicU16::new(0),
             upstream_last_micros: AtomicI64::new(-1),
             upstream_errors: AtomicU64::new(0),
@@ -346,12 +445,25 @@ pub struct RouteMetrics {
     pub snapshots: Counter,
     /// Looked up per poll (once per interval per topic, not per event) because the status varies.
     upstream_requests: Family<UpstreamLabels, Counter>,
+    /// Plain GETs: served from a topic, 304 from a topic, passed through.
+    gets: [Counter; 3],
     /// For the status page: the last upstream status seen on this route (0: none yet, 1: no
     /// answer), its latency, and error and request totals.
     upstream_last_status: AtomicU16,
     upstream_last_micros: AtomicI64,
     upstream_errors: AtomicU64,
     upstream_total: AtomicU64,
+}
+
+/// Who answered a plain GET on a streamable route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetAnswer {
+    /// The live topic's state (`serve_get = "topic"`).
+    Topic = 0,
+    /// `304 Not Modified`, from the topic.
+    NotModified = 1,
+    /// Passed through to the upstream.
+    Upstream = 2,
 }
 
 /// The status page's view of a route's upstream.
@@ -386,6 +498,11 @@ impl RouteMetrics {
         self.upstream_last_status.store(code, Ordering::Relaxed);
         let micros = i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX);
         self.upstream_last_micros.store(micros, Ordering::Relaxed);
+    }
+
+    /// A plain GET on this route, answered as `answer` says.
+    pub fn get(&self, answer: GetAnswer) {
+        self.gets[answer as usize].inc();
     }
 
     pub fn upstream_health(&self) -> UpstreamHealth {
