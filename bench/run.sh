@@ -10,6 +10,14 @@
 #   HERALD_BEFORE=/path/to/old/herald bench/run.sh idle-5k --servers "herald herald-before"
 #
 # Scenarios: idle-1k idle-5k idle-18k idle-h2 fanout fanout-10k topics gzip churn sources still
+#   TLS (herald's [tls] and nginx's `ssl` on the same self-signed P-256 certificate, made here):
+#   idle-tls-5k (with herald-plain) idle-tls-18k (HTTP/1.1 over TLS), idle-tls-h2 (HTTP/2 over TLS, one stream per
+#   connection: a browser tab), idle-tls-h2-100 (100 streams per connection), fanout-tls (with
+#   herald-plain, herald without TLS, in the same run), storm-tls (every client drops and
+#   reconnects within 5 s while a change a second goes out; -noresume: the clients keep no TLS
+#   session, every handshake is full), storm-tls-burst (idle streams, all back within 1 s: what a
+#   reconnect costs the server's CPU, nothing else), storm-tls-half (half the clients storm while
+#   10 changes/s flow: `steady p99` is the delivery latency of the half that stayed open).
 # Needs a release build (cargo build --release --bins) and bench/setup.sh's packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,13 +49,14 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap 'cleanup; rm -rf "$TMP"' EXIT
 
 # Ports can be moved (H_PORT=28080 UP_PORT=23000 ...) when another run shares the machine: wait_port
-# only sees that something listens, so two runs on the same ports would measure each other.
+# only sees that something listens, so two runs on the same ports would measure each other. Keep
+# them below 32768: above, they collide with the clients' ephemeral ports.
 H_PORT=${H_PORT:-18080}; UP_PORT=${UP_PORT:-13000}; NCHAN_PORT=${NCHAN_PORT:-18081}
-NODE_PORT=${NODE_PORT:-18082}; FLOOR_PORT=${FLOOR_PORT:-18090}
+NODE_PORT=${NODE_PORT:-18082}; FLOOR_PORT=${FLOOR_PORT:-18090}; NCHAN_TLS_PORT=${NCHAN_TLS_PORT:-18443}
 
 # Scenario parameters: streams, topics, change rate per topic (/s), body size, herald's poll
 # interval, hold seconds, protocol, gzip, churn lifetime, workers.
-PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000; PER_USER=0
+TLS=0; STORM=0; STORM_WINDOW=5; STORM_SHARE=1; PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000; PER_USER=0
 case "$SCENARIO" in
   idle-1k)    STREAMS=1000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
   idle-5k)    STREAMS=5000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
@@ -77,9 +86,30 @@ case "$SCENARIO" in
   still)      STREAMS=100;   TOPICS=1;    RATE=0;   HOLD=120; POLL=100; MAX_INTERVAL=6000
               [ $QUICK = 1 ] && HOLD=60
               SERVERS="herald herald-adaptive" ;;
+  idle-tls-5k)  STREAMS=5000;  TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000
+                SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-plain/') ;;
+  idle-tls-18k) STREAMS=18000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000 ;;
+  idle-tls-h2)  STREAMS=2000;  TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=500; PROTO=h2; PER_CONN=1 ;;
+  idle-tls-h2-100) STREAMS=20000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=5000; PROTO=h2; PER_CONN=100 ;;
+  fanout-tls)   STREAMS=5000;  TOPICS=1; RATE=10; HOLD=20; POLL=50; TLS=1; RAMP=1000
+                SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-plain/') ;;
+  storm-tls)    STREAMS=5000;  TOPICS=1; RATE=1; HOLD=20; POLL=1000; TLS=1; RAMP=1000; STORM=5
+                SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-noresume/' -e 's/nchan/nchan nchan-noresume/') ;;
+  storm-tls-half) STREAMS=5000; TOPICS=1; RATE=10; HOLD=25; POLL=50; TLS=1; RAMP=1000; STORM=5; STORM_SHARE=0.5
+                SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-noresume/' -e 's/nchan/nchan nchan-noresume/') ;;
+  storm-tls-burst) STREAMS=5000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000; STORM=5; STORM_WINDOW=1
+                SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-noresume/' -e 's/nchan/nchan nchan-noresume/') ;;
   *) echo "unknown scenario $SCENARIO" >&2; exit 64 ;;
 esac
 if [ $QUICK = 1 ] && [ "$SCENARIO" != churn ] && [ "$SCENARIO" != still ]; then HOLD=10; fi
+# The floor and the Node server speak plaintext only.
+[ "$TLS" = 1 ] && SERVERS=$(echo "$SERVERS" | sed -e 's/floor//' -e 's/node//')
+if [ "$TLS" = 1 ]; then
+  # One certificate for every server: ECDSA P-256, self-signed (the clients check signatures, not
+  # the issuer).
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+fi
 RAMP_S=$(( STREAMS / RAMP + 1 ))
 RUN_S=$(( RAMP_S + HOLD + 15 ))
 # An idle scenario still needs a body that never changes during the run.
@@ -99,6 +129,8 @@ upstream = "http://127.0.0.1:$UP_PORT"
 max_new_streams_per_sec = 0
 max_streams_per_ip = 0
 max_streams_per_credential = 0
+# The clients come from 16 addresses: 18,000 streams are 1,125 connections per address.
+max_connections_per_ip = 0
 ${TOP_EXTRA:-}
 [[route]]
 path = "/topic/{n}"
@@ -108,6 +140,7 @@ TOML
   # Extra herald settings for a run, e.g. HERALD_TOML=$'[sse]\nhistory = 16' for a churn run whose
   # memory must be flat from the first minute (the default history fills for ~17 minutes).
   [ -n "${HERALD_TOML:-}" ] && printf '%s\n' "$HERALD_TOML" >>"$TMP/herald.toml"
+  if [ "$1" = tls ]; then printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$TMP/cert.pem" "$TMP/key.pem" >>"$TMP/herald.toml"; fi
   true
 }
 
@@ -115,8 +148,9 @@ TOML
 start_server() {
   local name=$1
   case $name in
-    herald|herald-gzip|herald-before|herald-poll|herald-sse|herald-publish|herald-adaptive)
+    herald|herald-gzip|herald-before|herald-plain|herald-noresume|herald-poll|herald-sse|herald-publish|herald-adaptive)
       local bin=$BIN/herald; [ "$name" = herald-before ] && bin=$HERALD_BEFORE
+      local tls=plain; [ "$TLS" = 1 ] && [ "$name" != herald-plain ] && tls=tls
       local up_extra=() token=bench-publish-token-0123456789
       TOP_EXTRA=""; ROUTE_EXTRA=""; R_INTERVAL=""
       case $name in
@@ -129,17 +163,22 @@ start_server() {
       esac
       start "$BENCH" upstream --listen 127.0.0.1:$UP_PORT --rate "$UP_RATE" --size $SIZE "${up_extra[@]}" 2>/dev/null
       wait_port $UP_PORT
-      herald_config
+      herald_config $tls
       start env ${HERALD_ENV:-} "$bin" --config "$TMP/herald.toml" --log-format json >"$TMP/herald.log" 2>&1
       SPID=$LAST; wait_port $H_PORT
-      TARGET=http://127.0.0.1:$H_PORT; PATH_T="/topic/{n}"; ENVELOPE=true ;;
-    nchan)
+      TARGET=http://127.0.0.1:$H_PORT; [ $tls = tls ] && TARGET=https://127.0.0.1:$H_PORT
+      PATH_T="/topic/{n}"; ENVELOPE=true ;;
+    nchan|nchan-noresume)
       mkdir -p "$TMP/nginx"
-      sed -e "s#@PREFIX@#$TMP/nginx#g" -e "s#@PORT@#$NCHAN_PORT#g" bench/nchan.conf >"$TMP/nginx/nchan.conf"
+      sed -e "s#@PREFIX@#$TMP/nginx#g" -e "s#@PORT@#$NCHAN_PORT#g" -e "s#@TLS_PORT@#$NCHAN_TLS_PORT#g" \
+        -e "s#@CERT@#$TMP/cert.pem#g" -e "s#@KEY@#$TMP/key.pem#g" bench/nchan.conf >"$TMP/nginx/nchan.conf"
+      # Without a certificate (plaintext scenarios) the `ssl` listener is left out.
+      [ "$TLS" = 1 ] || sed -i '/# tls$/d' "$TMP/nginx/nchan.conf"
       start nginx -p "$TMP/nginx" -c "$TMP/nginx/nchan.conf" 2>>"$TMP/nginx.err"
       wait_port $NCHAN_PORT; sleep 0.3
       SPID="$LAST,$(pgrep -d, -P "$LAST")"
-      TARGET=http://127.0.0.1:$NCHAN_PORT; PATH_T="/sub/{n}"; ENVELOPE=false
+      TARGET=http://127.0.0.1:$NCHAN_PORT; [ "$TLS" = 1 ] && TARGET=https://127.0.0.1:$NCHAN_TLS_PORT
+      PATH_T="/sub/{n}"; ENVELOPE=false
       PUB=http://127.0.0.1:$NCHAN_PORT/pub/{n} ;;
     node)
       start node bench/node-sse.js $NODE_PORT 2>/dev/null
@@ -156,13 +195,15 @@ start_server() {
 run_one() {
   local name=$1 rep=$2
   start_server "$name"
-  if [ "$name" = nchan ] || [ "$name" = node ]; then
+  if [ "${name%-noresume}" = nchan ] || [ "$name" = node ]; then
     [ "$RATE" != 0 ] && start "$BENCH" publish --url "$PUB" --topics $TOPICS --rate "$RATE" --size $SIZE --seconds $RUN_S
   fi
   local extra=()
   [ "$name" = herald-gzip ] && extra+=(--gzip)
   [ "$CHURN" != 0 ] && extra+=(--churn "$CHURN")
   [ "$PER_USER" != 0 ] && extra+=(--per-user "$PER_USER" --users 10)
+  [ "$STORM" != 0 ] && extra+=(--storm "$STORM" --storm-window "$STORM_WINDOW" --storm-share "$STORM_SHARE")
+  case $name in *-noresume) extra+=(--resume false) ;; esac
   case $name in
     herald*) extra+=(--upstream-stats http://127.0.0.1:$UP_PORT --poll-interval-ms $POLL --keyed-by-credential) ;;
   esac
@@ -191,7 +232,7 @@ REPORT=$(cat <<MD
 
 ### $SCENARIO ($(date -u +%Y-%m-%d\ %H:%M\ UTC))
 
-\`$CMDLINE\` — $STREAMS streams ($PROTO${GZIP:+, gzip}), $TOPICS topic(s)$PU_TEXT, changes ${RATE}/s per topic,
+\`$CMDLINE\` — $STREAMS streams ($PROTO${GZIP:+, gzip}$([ "$TLS" = 1 ] && echo ", TLS")$([ "$PROTO" = h2 ] && echo ", $PER_CONN per connection")$([ "$STORM" != 0 ] && echo ", storm ${STORM}s after the ramp, ${STORM_WINDOW}s window, share $STORM_SHARE")), $TOPICS topic(s)$PU_TEXT, changes ${RATE}/s per topic,
 ${SIZE} B bodies, herald polls every ${POLL} ms, hold ${HOLD} s, churn ${CHURN} s, $REPS run(s) each.
 Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), kernel $(uname -r),
 $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Commit ${BENCH_COMMIT:-$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src bench || echo ' + uncommitted changes')}.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every benchmark scenario, herald next to nginx+Nchan, Node and the floor, each run REPS times:
-# the result set BENCHMARKS.md reports. About an hour on 2 cores; run it on a quiet machine.
+# the result set BENCHMARKS.md reports. About an hour and a half on 2 cores; run it on a quiet machine.
 #
 #   bench/suite.sh [--reps N] [--out FILE]
 #
@@ -22,6 +22,11 @@ for s in idle-1k idle-5k idle-18k fanout fanout-10k topics gzip; do
 done
 # 100,000 streams over HTTP/2 (herald only: see run.sh).
 bench/run.sh idle-h2 --reps "$REPS"
+# TLS (issue 18): idle HTTP/1.1 and HTTP/2 over TLS, fan-out over TLS next to plaintext, and
+# reconnect storms with and without session resumption.
+for s in idle-tls-5k idle-tls-18k idle-tls-h2 idle-tls-h2-100 fanout-tls storm-tls storm-tls-burst storm-tls-half; do
+  bench/run.sh "$s" --reps "$REPS"
+done
 # Churn: a minute of every server side by side, then ten minutes of herald with a history small
 # enough to fill in seconds, so any growth over the run would be a leak.
 bench/run.sh churn --quick

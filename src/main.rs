@@ -164,6 +164,7 @@ fn load(path: &std::path::Path) -> Result<herald::Config, String> {
     let config = herald::config::load(path).map_err(|e| e.to_string())?;
     if let Some(tls) = &config.tls {
         herald::server::tls::load(tls).map_err(|e| e.to_string())?;
+        herald::server::tls::ticket_secret(tls).map_err(|e| e.to_string())?;
     }
     Ok(config)
 }

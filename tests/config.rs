@@ -62,6 +62,10 @@ fn errors_name_file_line_and_key() {
         ("[sse]\nhistory = \"many\"\n", "proxy.toml:4:11: [sse] history: invalid type: string \"many\", expected usize"),
         // heartbeat too short
         ("[sse]\nheartbeat = \"1ms\"\n", "proxy.toml:4:13: sse.heartbeat: must be at least 10ms"),
+        // TLS session-ticket key rotation out of range
+        ("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nticket_lifetime = \"0s\"\n", "proxy.toml:6:19: tls.ticket_lifetime: must be at least 1s"),
+        ("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nticket_lifetime = \"8days\"\n", "proxy.toml:6:19: tls.ticket_lifetime: must be at most 7 days"),
+        ("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nsession_cache = \"big\"\n", "proxy.toml:6:17: [tls] session_cache: invalid type"),
         // cluster keys, each at its line
         ("[cluster]\nredis = \"http://x\"\nsecret = \"0123456789abcdef\"\n", "proxy.toml:4:9: cluster.redis: expected a URL like"),
         ("[cluster]\nredis = \"redis://x\"\n", "proxy.toml:4:9: cluster.redis: needs cluster.secret"),

@@ -196,6 +196,28 @@ pub struct Ca {
 pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub resumption: Resumption,
+}
+
+/// How returning TLS clients skip the full handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resumption {
+    /// TLS 1.2 sessions kept by ID (0: none).
+    pub session_cache: usize,
+    /// Rotation period of the session-ticket key (whole seconds, at least one).
+    pub ticket_lifetime: Duration,
+    /// File with the secret ticket keys are derived from (`None`: random keys in memory).
+    pub ticket_key: Option<PathBuf>,
+}
+
+impl Default for Resumption {
+    fn default() -> Self {
+        Resumption {
+            session_cache: 20_000,
+            ticket_lifetime: Duration::from_secs(3600),
+            ticket_key: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

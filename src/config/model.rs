@@ -284,6 +284,24 @@ pub struct TlsSection {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// TLS 1.2 sessions remembered for resumption by session ID (clients without tickets).
+    #[serde(default = "default_session_cache")]
+    pub session_cache: Spanned<usize>,
+    /// How long one session-ticket key seals new tickets; a ticket is accepted until the end of
+    /// the period after the one it was sealed in.
+    #[serde(default = "default_ticket_lifetime")]
+    pub ticket_lifetime: Spanned<HumanDuration>,
+    /// A secret shared by every herald that should accept each other's tickets (and by a
+    /// restarted herald): ticket keys are derived from it instead of made at random.
+    pub ticket_key: Option<PathBuf>,
+}
+
+fn default_session_cache() -> Spanned<usize> {
+    Spanned::new(0..0, 20_000)
+}
+
+fn default_ticket_lifetime() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(3600)))
 }
 
 /// gzip for clients that accept it: SSE streams (compressed once per event for all watchers) and

@@ -65,6 +65,8 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
         &mut push,
     );
 
+    let tls = file.tls.map(|t| validate_tls(t, &mut push));
+
     let mut seen = HashSet::new();
     let mut routes = Vec::new();
     // Where each route's path is written, for problems found later about the route as a whole.
@@ -314,10 +316,7 @@ pub(super) fn validate(file: File) -> Result<Config, Vec<Problem>> {
             via: file.proxy.via,
             ca,
         },
-        tls: file.tls.map(|t: model::TlsSection| Tls {
-            cert: t.cert,
-            key: t.key,
-        }),
+        tls,
         compression,
         cors,
         mux,
@@ -543,6 +542,33 @@ fn validate_ca(
         path: path.clone(),
         certs: certs.into_iter().map(|c| c.to_vec()).collect(),
     })
+}
+
+/// Ticket keys rotate in whole seconds, and TLS 1.3 lets a ticket live at most 7 days.
+fn validate_tls(t: model::TlsSection, push: &mut impl FnMut(Range<usize>, &str, String)) -> Tls {
+    let lifetime = at_least(
+        &t.ticket_lifetime,
+        "tls.ticket_lifetime",
+        Duration::from_secs(1),
+        push,
+    );
+    const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+    if lifetime > WEEK {
+        push(
+            t.ticket_lifetime.span(),
+            "tls.ticket_lifetime",
+            format!("must be at most 7 days (TLS 1.3's limit), got {lifetime:?}"),
+        );
+    }
+    Tls {
+        cert: t.cert,
+        key: t.key,
+        resumption: super::Resumption {
+            session_cache: *t.session_cache.get_ref(),
+            ticket_lifetime: lifetime,
+            ticket_key: t.ticket_key,
+        },
+    }
 }
 
 /// The shortest lease accepted: renewals go out every third of it.

@@ -21,7 +21,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use super::idle::{Activity, BusyBody};
 use super::observe::Tracked;
-use super::{fast, json_error, router, ConnInfo, Service};
+use super::{fast, fast_tls, json_error, router, ConnInfo, Service};
 
 /// What a connection task needs from its listener.
 pub(super) struct Conn {
@@ -113,17 +113,25 @@ impl Conn {
             Some(acceptor) => {
                 // Boxed whole, so the handshake's and the rustls stream's states are never part
                 // of a plain connection's task (a future is as large as its largest state).
-                Box::pin(serve_tls(
+                let stream = Box::pin(serve_tls(
                     stream, acceptor, peer, kill, app, &builder, watcher, shutdown, reject,
                 ))
                 .await;
+                // An HTTP/1.1 stream over TLS on the fast path: its own small task, like a
+                // plaintext one.
+                if let Some((s, watcher)) = stream {
+                    let s = s.holding((watcher, permit, address));
+                    tokio::spawn(s.instrument(tracing::Span::current()));
+                    return;
+                }
             }
         }
         drop((permit, address));
     }
 }
 
-/// The TLS handshake (bounded by a timeout, abandoned when shutdown begins), then HTTP over it.
+/// The TLS handshake (bounded by a timeout, abandoned when shutdown begins), then HTTP over it;
+/// or, for a fast-path stream, that stream (with the drain watcher it must hold), to be spawned.
 #[allow(clippy::too_many_arguments)]
 async fn serve_tls(
     stream: TcpStream,
@@ -135,21 +143,21 @@ async fn serve_tls(
     watcher: Watcher,
     shutdown: CancellationToken,
     reject: bool,
-) {
+) -> Option<(fast::StreamConn, Watcher)> {
     let handshake = tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
     let stream = tokio::select! {
-        _ = shutdown.cancelled() => return,
+        _ = shutdown.cancelled() => return None,
         r = handshake => match r {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 debug!(error = %e, "TLS handshake failed");
                 app.metrics.reject("tls-handshake");
-                return;
+                return None;
             }
             Err(_) => {
                 debug!(timeout = ?tls::HANDSHAKE_TIMEOUT, "TLS handshake timed out");
                 app.metrics.reject("tls-handshake-timeout");
-                return;
+                return None;
             }
         },
     };
@@ -165,6 +173,16 @@ async fn serve_tls(
         kill,
         upstream: Default::default(),
     };
+    let activity = Activity::new();
+    let stream = if reject {
+        Box::new(fast_tls::Rewind::plain(stream))
+    } else {
+        match fast_tls::try_serve(stream, &app, &info, &activity).await {
+            fast_tls::Outcome::Served => return None,
+            fast_tls::Outcome::Stream(s) => return Some((s, watcher)),
+            fast_tls::Outcome::Hyper(stream) => stream,
+        }
+    };
     serve_http(
         TokioIo::new(Tracked::new(stream, &app.metrics, info.tls)),
         info,
@@ -172,9 +190,10 @@ async fn serve_tls(
         builder,
         watcher,
         reject,
-        Activity::new(),
+        activity,
     )
     .await;
+    None
 }
 
 /// Serve HTTP on an established (plain or TLS) byte stream. The auto builder tells HTTP/2 from

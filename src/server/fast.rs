@@ -22,6 +22,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use super::idle::{Activity, Idle};
+use super::sealed::Sealer;
 use super::{router, ConnInfo, ResponseBody, Service};
 use crate::telemetry::Protocol;
 
@@ -85,20 +86,7 @@ pub(super) async fn try_serve(
         Ok(Ok(n)) => n,
         Err(_) => return silent(app),
     };
-    // The request lives only in this block: held across the stream, its header map would stay
-    // allocated for as long as the stream (~640 B each, heaptrack). The router's future is boxed
-    // for the same reason: inline, its largest state would size every connection's task.
-    let decided = {
-        match parse_head(&buf[..n]) {
-            Some((head_len, req)) if !app.mux.owns(req.uri().path()) => {
-                Box::pin(router::answer(app, &req, info))
-                    .await
-                    .map(|resp| (head_len, resp))
-            }
-            _ => None,
-        }
-    };
-    let Some((head_len, resp)) = decided else {
+    let Some((head_len, resp)) = decide(&buf[..n], app, info).await else {
         return Outcome::Hyper(stream);
     };
     // Decided: take the head off the socket (it is all there: it was peeked whole).
@@ -117,7 +105,26 @@ pub(super) async fn try_serve(
     }
     drop(buf);
     let open = OpenConn(app.metrics.connection(Protocol::h1, false));
-    Outcome::Stream(StreamConn::new(stream, resp, info.kill.clone(), open))
+    Outcome::Stream(StreamConn::new(stream, resp, info.kill.clone(), open, None))
+}
+
+/// The response if `bytes` start with a stream request this path serves, and the head's length.
+pub(super) async fn decide(
+    bytes: &[u8],
+    app: &Service,
+    info: &ConnInfo,
+) -> Option<(usize, Response<ResponseBody>)> {
+    // The request lives only in this function: held across the stream, its header map would
+    // stay allocated for as long as the stream (~640 B each, heaptrack). The router's future is
+    // boxed for the same reason: inline, its largest state would size every connection's task.
+    match parse_head(bytes) {
+        Some((head_len, req)) if !app.mux.owns(req.uri().path()) => {
+            Box::pin(router::answer(app, &req, info))
+                .await
+                .map(|resp| (head_len, resp))
+        }
+        _ => None,
+    }
 }
 
 /// A complete, body-less HTTP/1.1 GET head in `bytes`: its length and the request it makes.
@@ -155,7 +162,7 @@ fn parse_head(bytes: &[u8]) -> Option<(usize, Request<()>)> {
 }
 
 /// The `connections_open` gauge of a fast-path connection, held until it closes.
-struct OpenConn(Gauge);
+pub(super) struct OpenConn(pub(super) Gauge);
 
 impl Drop for OpenConn {
     fn drop(&mut self) {
@@ -179,6 +186,8 @@ pub(super) struct StreamConn {
     /// The body has ended: once `out` is written, the stream is done.
     finished: bool,
     killed: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Over TLS: each frame goes out as TLS records sealed here (`sealed.rs`).
+    seal: Option<Box<Sealer>>,
     _open: OpenConn,
     /// Whatever must live as long as the connection (its drain watcher and its place in the
     /// connection budget).
@@ -186,23 +195,42 @@ pub(super) struct StreamConn {
 }
 
 impl StreamConn {
-    fn new(
+    pub(super) fn new(
         stream: TcpStream,
         resp: Response<ResponseBody>,
         kill: CancellationToken,
         open: OpenConn,
+        seal: Option<Box<Sealer>>,
     ) -> Self {
         let (parts, body) = resp.into_parts();
         let (head, chunked) = response_head(parts);
-        StreamConn {
+        let mut conn = StreamConn {
             stream,
             body,
             chunked,
-            out: Pending::whole(Bytes::from(head)),
+            out: Pending::whole(Bytes::new()),
             finished: false,
             killed: Box::pin(kill.cancelled_owned()),
+            seal,
             _open: open,
             held: None,
+        };
+        // A head that cannot be sealed (never, with a fresh key) leaves nothing to write: the
+        // stream ends at its first poll.
+        if let Some(head) = conn.frame(Pending::whole(Bytes::from(head))) {
+            conn.out = head;
+        } else {
+            conn.finished = true;
+        }
+        conn
+    }
+
+    /// `p` as it goes on the wire: as it is, or sealed into TLS records (`None`: the key is used
+    /// up, the stream must end).
+    fn frame(&mut self, p: Pending) -> Option<Pending> {
+        match self.seal.as_mut() {
+            None => Some(p),
+            Some(seal) => seal.seal(&p.parts()).map(Pending::whole),
         }
     }
 
@@ -250,6 +278,11 @@ impl StreamConn {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+        // Written: let go of the frame now rather than at the next one. Over TLS it is this
+        // stream's own sealed copy (~350 B per idle stream, heaptrack), not the shared event.
+        if !self.out.data.is_empty() {
+            self.out = Pending::whole(Bytes::new());
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -278,8 +311,19 @@ impl Future for StreamConn {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     this.finished = true;
-                    if this.chunked {
-                        this.out = Pending::whole(Bytes::from_static(b"0\r\n\r\n"));
+                    let last = Pending::whole(Bytes::from_static(if this.chunked {
+                        b"0\r\n\r\n"
+                    } else {
+                        b""
+                    }));
+                    // Over TLS the last frame carries a close_notify after it.
+                    let last = match this.seal.as_mut() {
+                        None => Some(last),
+                        Some(seal) => seal.seal_last(&last.parts()).map(Pending::whole),
+                    };
+                    match last {
+                        Some(last) => this.out = last,
+                        None => return Poll::Ready(()),
                     }
                 }
                 // The body failed: end without the last chunk, so the client sees an incomplete
@@ -290,10 +334,17 @@ impl Future for StreamConn {
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(d) if !d.is_empty() => {
-                        this.out = if this.chunked {
+                        let p = if this.chunked {
                             Pending::chunk(d)
                         } else {
                             Pending::whole(d)
+                        };
+                        match this.frame(p) {
+                            Some(p) => this.out = p,
+                            None => {
+                                debug!("TLS send key used up; ending the stream");
+                                return Poll::Ready(());
+                            }
                         }
                     }
                     _ => {}
@@ -347,10 +398,15 @@ impl Pending {
         self.done = (self.done + n).min(self.len());
     }
 
+    /// The whole frame's three parts (size line, data, CRLF), some empty.
+    fn parts(&self) -> [&[u8]; 3] {
+        let crlf: &'static [u8] = if self.crlf { b"\r\n" } else { b"" };
+        [&self.size[..self.size_len as usize], &self.data, crlf]
+    }
+
     /// The unwritten parts as slices, in order; returns how many.
     fn slices<'a>(&'a self, out: &mut [IoSlice<'a>; 3]) -> usize {
-        let crlf: &'static [u8] = if self.crlf { b"\r\n" } else { b"" };
-        let parts: [&'a [u8]; 3] = [&self.size[..self.size_len as usize], &self.data, crlf];
+        let parts = self.parts();
         let mut skip = self.done;
         let mut n = 0;
         for part in parts {

@@ -7,6 +7,7 @@ pub mod compress;
 mod conn;
 pub mod cors;
 mod fast;
+mod fast_tls;
 mod get;
 mod idle;
 pub mod mux;
@@ -15,6 +16,8 @@ mod open;
 pub mod proxy;
 pub mod publish;
 pub mod router;
+mod sealed;
+mod tickets;
 pub mod tls;
 
 use std::collections::HashMap;

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::tickets::Tickets;
 use crate::config;
 use crate::error::{Error, Result};
 use crate::shutdown::Hangups;
@@ -50,11 +51,15 @@ impl Acceptor {
         // Stamp first, as in `reload`: a change during the read is seen by the next check.
         let stamp = Stamp::of(files);
         let key = load(files)?;
-        Ok(Acceptor::with_store(CertStore {
-            current: RwLock::new(key),
-            files: Some(files.clone()),
-            stamp: Mutex::new(stamp),
-        }))
+        Acceptor::with_store(
+            CertStore {
+                current: RwLock::new(key),
+                files: Some(files.clone()),
+                stamp: Mutex::new(stamp),
+            },
+            files.resumption.clone(),
+            ticket_secret(files)?,
+        )
     }
 
     /// A fixed certificate from PEM text (`herald demo`'s self-signed one); never reloaded.
@@ -66,14 +71,22 @@ impl Acceptor {
         let chain = parse_chain(cert_pem).map_err(fail)?;
         let key = parse_key(key_pem).map_err(fail)?;
         let key = certified(chain, key).map_err(|(_, message)| fail(message))?;
-        Ok(Acceptor::with_store(CertStore {
-            current: RwLock::new(key),
-            files: None,
-            stamp: Mutex::new(None),
-        }))
+        Acceptor::with_store(
+            CertStore {
+                current: RwLock::new(key),
+                files: None,
+                stamp: Mutex::new(None),
+            },
+            config::Resumption::default(),
+            None,
+        )
     }
 
-    fn with_store(store: CertStore) -> Acceptor {
+    fn with_store(
+        store: CertStore,
+        resumption: config::Resumption,
+        secret: Option<Vec<u8>>,
+    ) -> Result<Acceptor> {
         let certs = Arc::new(store);
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -82,10 +95,30 @@ impl Acceptor {
             .with_cert_resolver(certs.clone());
         // h2 first: a client offering both gets HTTP/2, whose streams share one connection.
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Acceptor {
+        // A returning client resumes: TLS 1.3 (and TLS 1.2 clients that ask) by a stateless
+        // ticket, other TLS 1.2 clients by session ID from a cache of the configured size.
+        // rustls's default is a 256-entry cache and no tickets: in a reconnect storm of
+        // thousands almost every client would pay a full handshake.
+        config.ticketer = Arc::new(
+            Tickets::new(resumption.ticket_lifetime, secret.as_deref()).ok_or_else(|| {
+                Error::Tls {
+                    path: PathBuf::from("<session tickets>"),
+                    message: "the system's random number generator failed".into(),
+                }
+            })?,
+        );
+        // The HTTP/1.1 stream fast path takes over sending once the first request is read
+        // (`fast_tls.rs`): rustls hands it the send key, and its buffers are freed.
+        config.enable_secret_extraction = true;
+        config.session_storage = if resumption.session_cache == 0 {
+            Arc::new(rustls::server::NoServerSessionStorage {})
+        } else {
+            rustls::server::ServerSessionMemoryCache::new(resumption.session_cache)
+        };
+        Ok(Acceptor {
             inner: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             certs,
-        }
+        })
     }
 
     /// Complete a server handshake on `stream` (callers bound it with [`HANDSHAKE_TIMEOUT`]).
@@ -232,6 +265,29 @@ fn file_stamp(path: &Path) -> Option<(Option<SystemTime>, u64, u64)> {
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Shortest `ticket_key` accepted: the ticket keys are only as strong as this secret.
+const MIN_TICKET_SECRET: usize = 32;
+
+/// Read `[tls] ticket_key`, if set: at least 32 bytes (random, e.g. `openssl rand 48`). The error
+/// names the file.
+pub fn ticket_secret(files: &config::Tls) -> Result<Option<Vec<u8>>> {
+    let Some(path) = &files.resumption.ticket_key else {
+        return Ok(None);
+    };
+    let fail = |message: String| Error::Tls {
+        path: path.clone(),
+        message,
+    };
+    let secret = fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    if secret.len() < MIN_TICKET_SECRET {
+        return Err(fail(format!(
+            "a ticket key needs at least {MIN_TICKET_SECRET} random bytes, the file has {} (make one with `openssl rand 48 > FILE`)",
+            secret.len()
+        )));
+    }
+    Ok(Some(secret))
 }
 
 /// Read and check a certificate chain and its private key: both parse, and the key belongs to the

@@ -1,0 +1,250 @@
+//! Stateless TLS session tickets with rotating keys: a reconnecting client resumes without the
+//! server remembering it, so a reconnect storm costs abbreviated handshakes however many clients
+//! there are. One ChaCha20-Poly1305 key per period of `lifetime`; tickets of this period and the
+//! previous one are accepted, older ones are not (key erasure bounds what a stolen key decrypts).
+//! Keys are random, or derived from a shared secret (HKDF, the period as info) so that several
+//! heralds, and a restarted one, accept each other's tickets.
+
+use std::sync::{PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
+use ring::hkdf;
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls::server::ProducesTickets;
+
+/// A ticket's header: the period whose key sealed it (big endian), then the nonce.
+const PERIOD_LEN: usize = 8;
+const HEADER_LEN: usize = PERIOD_LEN + NONCE_LEN;
+/// Tickets carry a few hundred bytes of session state; anything much larger is not ours.
+const MAX_TICKET: usize = 4096;
+
+/// Ticket keys for one listener. Periods are counted from the Unix epoch, so rotation happens
+/// at the same instants whatever the process's start time.
+pub struct Tickets {
+    lifetime: u64,
+    keys: RwLock<Keys>,
+    rng: SystemRandom,
+    /// The shared secret's pseudo-random key, when keys are derived rather than random.
+    secret: Option<hkdf::Prk>,
+}
+
+/// The key of the current period and of the one before it (each `None` if never made: a
+/// process that starts in period `p` has no key for `p - 1`).
+struct Keys {
+    period: u64,
+    current: LessSafeKey,
+    previous: Option<LessSafeKey>,
+}
+
+impl std::fmt::Debug for Tickets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tickets")
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tickets {
+    /// Keys that rotate every `lifetime` (at least one second; whole seconds): random, or derived
+    /// from `secret` (then the previous period's key is there from the start).
+    pub fn new(lifetime: Duration, secret: Option<&[u8]>) -> Option<Tickets> {
+        let lifetime = lifetime.as_secs().max(1);
+        let secret = secret.map(|s| {
+            hkdf::Salt::new(hkdf::HKDF_SHA256, b"herald session-ticket keys v1").extract(s)
+        });
+        let period = now() / lifetime;
+        let mut t = Tickets {
+            lifetime,
+            keys: RwLock::new(Keys {
+                period,
+                current: fresh_key(&SystemRandom::new())?,
+                previous: None,
+            }),
+            rng: SystemRandom::new(),
+            secret,
+        };
+        let keys = t.keys.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if t.secret.is_some() {
+            keys.current = key_for(&t.secret, &t.rng, lifetime, period)?;
+            keys.previous = period
+                .checked_sub(1)
+                .and_then(|p| key_for(&t.secret, &t.rng, lifetime, p));
+        }
+        Some(t)
+    }
+
+    /// Move to the period `now` falls in, making its key and erasing keys two periods old.
+    fn roll(&self, period: u64) {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        if period <= keys.period {
+            return;
+        }
+        let Some(next) = key_for(&self.secret, &self.rng, self.lifetime, period) else {
+            return;
+        };
+        let old = std::mem::replace(&mut keys.current, next);
+        // Only the period right before keeps its key; after a longer gap a random key is gone
+        // (a derived one is derived again).
+        keys.previous = if period == keys.period + 1 {
+            Some(old)
+        } else if self.secret.is_some() {
+            key_for(&self.secret, &self.rng, self.lifetime, period - 1)
+        } else {
+            None
+        };
+        keys.period = period;
+    }
+
+    fn period(&self) -> u64 {
+        now() / self.lifetime
+    }
+}
+
+impl ProducesTickets for Tickets {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    /// What clients are told: the longest a ticket can be accepted (sealed as its period begins,
+    /// it opens to the end of the next). One offered later than we accept costs the client only
+    /// a fallback to a full handshake. TLS 1.3 caps the hint at 7 days.
+    fn lifetime(&self) -> u32 {
+        u32::try_from((2 * self.lifetime).min(7 * 24 * 3600)).unwrap_or(u32::MAX)
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let period = self.period();
+        self.roll(period);
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).ok()?;
+        let stamp = keys.period.to_be_bytes();
+        let mut out = Vec::with_capacity(HEADER_LEN + plain.len() + aead::MAX_TAG_LEN);
+        out.extend_from_slice(&stamp);
+        out.extend_from_slice(&nonce);
+        let mut body = plain.to_vec();
+        keys.current
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(stamp),
+                &mut body,
+            )
+            .ok()?;
+        out.extend_from_slice(&body);
+        Some(out)
+    }
+
+    fn decrypt(&self, ticket: &[u8]) -> Option<Vec<u8>> {
+        self.roll(self.period());
+        self.open(ticket)
+    }
+}
+
+impl Tickets {
+    /// Open a ticket sealed with the current or the previous period's key.
+    fn open(&self, ticket: &[u8]) -> Option<Vec<u8>> {
+        if ticket.len() > MAX_TICKET || ticket.len() < HEADER_LEN + aead::MAX_TAG_LEN {
+            return None;
+        }
+        let (stamp, rest) = ticket.split_at(PERIOD_LEN);
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let stamp: [u8; PERIOD_LEN] = stamp.try_into().ok()?;
+        let period = u64::from_be_bytes(stamp);
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let key = if period == keys.period {
+            &keys.current
+        } else if period.checked_add(1) == Some(keys.period) {
+            keys.previous.as_ref()?
+        } else {
+            return None;
+        };
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut body = sealed.to_vec();
+        let plain = key.open_in_place(nonce, Aad::from(stamp), &mut body).ok()?;
+        Some(plain.to_vec())
+    }
+}
+
+/// The key of `period`: derived from the secret (the same in every herald that shares it; the
+/// lifetime is part of the info, so heralds with different lifetimes do not share keys), or random.
+fn key_for(
+    secret: &Option<hkdf::Prk>,
+    rng: &SystemRandom,
+    lifetime: u64,
+    period: u64,
+) -> Option<LessSafeKey> {
+    let Some(prk) = secret else {
+        return fresh_key(rng);
+    };
+    let (lifetime, period) = (lifetime.to_be_bytes(), period.to_be_bytes());
+    let info = [&lifetime[..], &period[..]];
+    let okm = prk.expand(&info, &aead::CHACHA20_POLY1305).ok()?;
+    Some(LessSafeKey::new(UnboundKey::from(okm)))
+}
+
+fn fresh_key(rng: &SystemRandom) -> Option<LessSafeKey> {
+    let mut key = [0u8; 32];
+    rng.fill(&mut key).ok()?;
+    let key = UnboundKey::new(&aead::CHACHA20_POLY1305, &key).ok()?;
+    Some(LessSafeKey::new(key))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ticket_opens_in_its_period_and_the_next_and_not_after() {
+        let t = Tickets::new(Duration::from_secs(3600), None).unwrap();
+        let sealed = t.encrypt(b"session state").unwrap();
+        assert_eq!(t.decrypt(&sealed).unwrap(), b"session state");
+        let p = t.keys.read().unwrap().period;
+        t.roll(p + 1);
+        assert_eq!(t.open(&sealed), Some(b"session state".to_vec()));
+        t.roll(p + 2);
+        assert_eq!(t.open(&sealed), None);
+    }
+
+    #[test]
+    fn tampered_or_foreign_tickets_are_refused() {
+        let t = Tickets::new(Duration::from_secs(3600), None).unwrap();
+        let other = Tickets::new(Duration::from_secs(3600), None).unwrap();
+        let mut sealed = t.encrypt(b"state").unwrap();
+        assert_eq!(other.decrypt(&sealed), None);
+        let last = sealed.len() - 1;
+        sealed[last] ^= 1;
+        assert_eq!(t.decrypt(&sealed), None);
+        assert_eq!(t.decrypt(&[]), None);
+        assert_eq!(t.decrypt(&[0u8; HEADER_LEN]), None);
+        assert_eq!(t.decrypt(&vec![0u8; MAX_TICKET + 1]), None);
+    }
+
+    #[test]
+    fn heralds_sharing_a_secret_open_each_others_tickets_and_no_one_elses() {
+        let hour = Duration::from_secs(3600);
+        let secret = [7u8; 48];
+        let a = Tickets::new(hour, Some(&secret)).unwrap();
+        let b = Tickets::new(hour, Some(&secret)).unwrap();
+        let stranger = Tickets::new(hour, Some(&[8u8; 48])).unwrap();
+        let other_lifetime = Tickets::new(Duration::from_secs(600), Some(&secret)).unwrap();
+        let sealed = a.encrypt(b"state").unwrap();
+        assert_eq!(b.decrypt(&sealed).unwrap(), b"state");
+        assert_eq!(stranger.decrypt(&sealed), None);
+        assert_eq!(other_lifetime.decrypt(&sealed), None);
+        // A herald started in the next period still opens it (the previous key is derived),
+        // and one two periods on does not.
+        let p = a.keys.read().unwrap().period;
+        b.roll(p + 1);
+        assert_eq!(b.open(&sealed).unwrap(), b"state");
+        b.roll(p + 3);
+        assert_eq!(b.open(&sealed), None);
+    }
+}
