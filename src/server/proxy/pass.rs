@@ -115,8 +115,8 @@ impl Base {
     }
 }
 
-/// Tunnel counters (`Upgrade` exchanges), plain prometheus-client handles: register them with
-/// [`PassStats::register`].
+/// Tunnel counters (`Upgrade` exchanges): handles on the registered series, taken with
+/// [`PassStats::of`].
 #[derive(Debug, Default)]
 pub struct PassStats {
     /// Tunnels opened since start.
