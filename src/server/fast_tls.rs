@@ -15,7 +15,7 @@ use tracing::debug;
 
 use super::fast::{self, OpenConn, StreamConn};
 use super::idle::{Activity, Idle};
-use super::sealed::Sealer;
+use super::sealed::{self, Sealer};
 use super::{ConnInfo, Service};
 use crate::telemetry::Protocol;
 
@@ -83,8 +83,14 @@ pub(super) async fn try_serve(
         return Outcome::Hyper(Box::new(Rewind::new(tls, buf.into())));
     };
     drop(buf);
-    // Anything rustls still holds to send (session tickets) goes out before it lets go.
-    if tls.flush().await.is_err() {
+    // Anything rustls still holds to send (session tickets, a KeyUpdate the client asked for)
+    // goes out before it lets go, within the head's deadline.
+    sealed::settle(tls.get_mut().1);
+    let flushed = tokio::select! {
+        r = tokio::time::timeout_at(due, tls.flush()) => matches!(r, Ok(Ok(()))),
+        _ = info.kill.cancelled() => false,
+    };
+    if !flushed {
         return Outcome::Served;
     }
     let (tcp, conn) = tls.into_inner();

@@ -44,6 +44,16 @@ enum Version {
 #[derive(Debug)]
 pub(super) struct Unsupported;
 
+/// Make rustls queue everything it owes the peer before its keys are taken: a TLS 1.3 KeyUpdate
+/// the client asked for is answered under the old key and parked until rustls next writes, while
+/// the send key has already moved on; without this, the parked answer would be dropped and every
+/// record sealed after the handover would be under a key the client does not have yet.
+pub(super) fn settle(conn: &mut rustls::ServerConnection) {
+    use std::io::Write;
+    // An empty write flushes the parked message into the send buffer (nothing else is written).
+    let _ = conn.writer().write(&[]);
+}
+
 impl Sealer {
     /// From the secrets rustls extracted after a handshake (`tx`), TLS 1.3 or TLS 1.2.
     pub(super) fn new(
@@ -307,6 +317,32 @@ mod tests {
             let mut rest = Vec::new();
             assert_eq!(c.reader().read_to_end(&mut rest).unwrap(), 0, "{suite:?}");
         }
+    }
+
+    #[test]
+    fn a_key_update_the_client_asked_for_before_the_handover_is_answered() {
+        use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        let (mut c, mut s) = pair(TLS13_AES_128_GCM_SHA256);
+        // The client asks for new keys, then sends its request, in one flight.
+        c.refresh_traffic_keys().unwrap();
+        c.writer().write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut wire = Vec::new();
+        c.write_tls(&mut wire).unwrap();
+        s.read_tls(&mut &wire[..]).unwrap();
+        s.process_new_packets().unwrap();
+        let mut req = [0u8; 64];
+        let n = s.reader().read(&mut req).unwrap();
+        assert_eq!(&req[..n], b"GET / HTTP/1.1\r\n\r\n");
+        // The handover, as the fast path does it.
+        settle(&mut s);
+        let mut wire = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut wire).unwrap();
+        }
+        let secrets = s.dangerous_extract_secrets().unwrap();
+        let mut sealer = Sealer::new(true, secrets.tx.0, secrets.tx.1).unwrap();
+        wire.extend_from_slice(&sealer.seal(&[b"data: 1\n\n"]).unwrap());
+        assert_eq!(client_reads(&mut c, &wire), b"data: 1\n\n");
     }
 
     #[test]

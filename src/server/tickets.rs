@@ -1,9 +1,10 @@
 //! Stateless TLS session tickets with rotating keys: a reconnecting client resumes without the
 //! server remembering it, so a reconnect storm costs abbreviated handshakes however many clients
 //! there are. One ChaCha20-Poly1305 key per period of `lifetime`; tickets of this period and the
-//! previous one are accepted, older ones are not (key erasure bounds what a stolen key decrypts).
-//! Keys are random, or derived from a shared secret (HKDF, the period as info) so that several
-//! heralds, and a restarted one, accept each other's tickets.
+//! previous one are accepted, older ones are not. With random keys, erasure bounds what a stolen
+//! key decrypts; keys derived from a shared secret (HKDF, the period as info, so that several
+//! heralds and a restarted one accept each other's tickets) are only as safe as that secret,
+//! which opens every period's tickets: rotate the file.
 
 use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -74,10 +75,37 @@ impl Tickets {
         Some(t)
     }
 
-    /// Move to the period `now` falls in, making its key and erasing keys two periods old.
+    /// Move to the period `now` falls in, making its key and erasing keys two periods old. A
+    /// clock stepped back by more than a period starts over from `period` (a key made under the
+    /// wrong time is not kept until time catches up with it).
     fn roll(&self, period: u64) {
+        // Most calls find nothing to do: checked under the read lock, so ticket operations in
+        // a reconnect storm do not queue on the write lock.
+        let current = self
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .period;
+        if period == current || period + 1 == current {
+            return;
+        }
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
-        if period <= keys.period {
+        if period == keys.period || period + 1 == keys.period {
+            return;
+        }
+        if period < keys.period {
+            if let (Some(current), previous) = (
+                key_for(&self.secret, &self.rng, self.lifetime, period),
+                period
+                    .checked_sub(1)
+                    .and_then(|p| key_for(&self.secret, &self.rng, self.lifetime, p)),
+            ) {
+                *keys = Keys {
+                    period,
+                    current,
+                    previous,
+                };
+            }
             return;
         }
         let Some(next) = key_for(&self.secret, &self.rng, self.lifetime, period) else {
@@ -114,7 +142,18 @@ impl ProducesTickets for Tickets {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        let period = self.period();
+        self.encrypt_at(self.period(), plain)
+    }
+
+    fn decrypt(&self, ticket: &[u8]) -> Option<Vec<u8>> {
+        self.roll(self.period());
+        self.open(ticket)
+    }
+}
+
+impl Tickets {
+    /// Seal `plain` as of `period` (the current one, outside tests).
+    fn encrypt_at(&self, period: u64, plain: &[u8]) -> Option<Vec<u8>> {
         self.roll(period);
         let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
         let mut nonce = [0u8; NONCE_LEN];
@@ -135,13 +174,6 @@ impl ProducesTickets for Tickets {
         Some(out)
     }
 
-    fn decrypt(&self, ticket: &[u8]) -> Option<Vec<u8>> {
-        self.roll(self.period());
-        self.open(ticket)
-    }
-}
-
-impl Tickets {
     /// Open a ticket sealed with the current or the previous period's key.
     fn open(&self, ticket: &[u8]) -> Option<Vec<u8>> {
         if ticket.len() > MAX_TICKET || ticket.len() < HEADER_LEN + aead::MAX_TAG_LEN {
@@ -211,6 +243,25 @@ mod tests {
         assert_eq!(t.open(&sealed), Some(b"session state".to_vec()));
         t.roll(p + 2);
         assert_eq!(t.open(&sealed), None);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_starts_over_instead_of_keeping_a_future_key() {
+        let t = Tickets::new(Duration::from_secs(3600), None).unwrap();
+        let p = t.keys.read().unwrap().period;
+        // The clock jumped ahead, a ticket was sealed then, and the clock was corrected.
+        t.roll(p + 5);
+        let future = t.encrypt_at(p + 5, b"state").unwrap();
+        t.roll(p);
+        assert_eq!(t.keys.read().unwrap().period, p);
+        // The key of the wrong time is gone with it.
+        assert_eq!(t.open(&future), None);
+        // One period back is ordinary skew between clocks: nothing changes.
+        t.roll(p + 1);
+        let sealed = t.encrypt_at(p + 1, b"state").unwrap();
+        t.roll(p);
+        assert_eq!(t.keys.read().unwrap().period, p + 1);
+        assert_eq!(t.open(&sealed), Some(b"state".to_vec()));
     }
 
     #[test]
