@@ -106,12 +106,7 @@ impl Access {
                 "reload over HTTP needs [admin] token (or HERALD_ADMIN_TOKEN); or send herald SIGHUP",
             ));
         };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if crate::auth::token_matches(given, &token.0) {
+        if crate::auth::bearer_matches(headers, &token.0) {
             None
         } else {
             let mut resp = json_error(

@@ -36,6 +36,16 @@ use crate::source::Origin;
 use check::{Cache, Verdict};
 pub use credentials::VaryKey;
 
+/// Whether the request's `Authorization: Bearer` token is `want` (see [`token_matches`]).
+pub fn bearer_matches(headers: &HeaderMap, want: &str) -> bool {
+    let given = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    token_matches(given, want)
+}
+
 /// Whether a presented bearer token is the configured one, compared in constant time (HMACs of
 /// both under a per-call random key, so neither length nor prefix shows in the timing).
 pub fn token_matches(given: &str, want: &str) -> bool {

@@ -114,12 +114,7 @@ impl Publisher {
                 "publishing needs [publish] token (or HERALD_PUBLISH_TOKEN)",
             ));
         };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if crate::auth::token_matches(given, &token.0) {
+        if crate::auth::bearer_matches(headers, &token.0) {
             return None;
         }
         debug!("publish refused: missing or wrong token");
