@@ -36,6 +36,15 @@ use crate::source::Origin;
 use check::{Cache, Verdict};
 pub use credentials::VaryKey;
 
+/// What a request's credentials say, before any upstream check (`Auth::identify`).
+struct Identity {
+    vary: u64,
+    poll_headers: HeaderMap,
+    check_headers: HeaderMap,
+    valid_until: Option<SystemTime>,
+    principal: u64,
+}
+
 /// Whether the request's `Authorization: Bearer` token is `want` (see [`token_matches`]).
 pub fn bearer_matches(headers: &HeaderMap, want: &str) -> bool {
     let given = headers
@@ -182,13 +191,14 @@ impl Auth {
         }
     }
 
-    pub async fn authorize(
+    /// Who the request's credentials say the client is, with no upstream request: the topic's
+    /// vary key, what its polls and checks carry, a token's end, and the principal.
+    fn identify(
         &self,
         route: &Route,
-        mut key: TopicKey,
         headers: &HeaderMap,
         query: Option<&str>,
-    ) -> Result<Grant, Denied> {
+    ) -> Result<Identity, Denied> {
         let ra: &RouteAuth = &route.config.auth;
         let inner = &self.inner;
         let bearer = ra
@@ -248,8 +258,47 @@ impl Auth {
                 }
             },
         };
-        key.vary = vary;
         let principal = user.unwrap_or_else(|| self.principal_with(headers, bearer));
+        Ok(Identity {
+            vary,
+            poll_headers,
+            check_headers,
+            valid_until,
+            principal,
+        })
+    }
+
+    /// The topic `key` is for these credentials, without the route's upstream check: for a
+    /// request that only looks for the client's live topic (a passed-through GET), never for
+    /// one that herald lets in.
+    pub fn topic_key(
+        &self,
+        route: &Route,
+        mut key: TopicKey,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<TopicKey, Denied> {
+        key.vary = self.identify(route, headers, query)?.vary;
+        Ok(key)
+    }
+
+    pub async fn authorize(
+        &self,
+        route: &Route,
+        mut key: TopicKey,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Grant, Denied> {
+        let ra: &RouteAuth = &route.config.auth;
+        let inner = &self.inner;
+        let Identity {
+            vary,
+            poll_headers,
+            check_headers,
+            valid_until,
+            principal,
+        } = self.identify(route, headers, query)?;
+        key.vary = vary;
 
         let recheck = match &ra.check {
             None => None,

@@ -12,7 +12,6 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tracing::debug;
 
-use super::open::{self, Target};
 use super::{cors, proxy, ConnInfo, ResponseBody, Service};
 use crate::config::ServeGet;
 use crate::hub::{Doc, Position, Topic};
@@ -20,7 +19,6 @@ use crate::reply::full;
 use crate::routes::Route;
 use crate::source::compact;
 use crate::source::Connection;
-use crate::sse::mux::WatchInfo;
 use crate::telemetry::{GetAnswer, RouteMetrics};
 
 /// The header naming the stream position of the state a GET returned.
@@ -44,20 +42,16 @@ pub(super) async fn classify<B>(svc: &Service, req: &Request<B>) -> Option<Plain
         .routes
         .resolve(req.uri().path(), req.uri().query())
         .ok()??;
-    let target = Target {
-        route: route.clone(),
-        key,
-        info: WatchInfo {
-            path: String::new(),
-            topic: String::new(),
-        },
-        query: req.uri().query().map(str::to_string),
-    };
-    // The same credentials a stream would present name the same topic; refused ones name none
-    // (the upstream answers them as it always did).
-    let topic = match open::authorize(svc, &target, req.headers()).await {
-        Ok(grant) => svc.hub.topic(&grant.key),
-        Err(_) => None,
+    // The same credentials a stream would present name the same topic (found without the
+    // route's upstream check: only an answer from the topic needs that, see `answer`); refused
+    // ones name none, and the upstream answers them as it always did.
+    let topic = if svc.hub.topic_count() == 0 {
+        None
+    } else {
+        svc.auth
+            .topic_key(&route, key, req.headers(), req.uri().query())
+            .ok()
+            .and_then(|k| svc.hub.topic(&k))
     };
     let metrics = svc.metrics.route(&route.template);
     Some(PlainGet {
@@ -88,6 +82,21 @@ impl PlainGet {
             return None;
         }
         let topic = self.topic.as_ref()?;
+        // Answered by herald, so let in by herald: the route's upstream check runs as for a
+        // stream (its answers are cached per credential).
+        let grant = svc
+            .auth
+            .authorize(
+                &self.route,
+                topic.key.clone(),
+                req.headers(),
+                req.uri().query(),
+            )
+            .await
+            .ok()?;
+        if grant.key != topic.key {
+            return None;
+        }
         // A push source with its upstream connection open is told every change; a polled one
         // vouches for one interval (its current one, which adaptive polling may stretch).
         let view = topic.stats.view();
