@@ -158,7 +158,9 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // herald: allocated for the first Huffman-coded string, as large as it needs
+            // (4 KiB up front otherwise, held for the connection's life).
+            buffer: BytesMut::new(),
         }
     }
 

@@ -82,6 +82,11 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
+                if buf.slab.is_empty() && buf.slab.capacity() > 0 {
+                    // herald: every frame is out; an idle connection holds no slots (each
+                    // deque is empty when the slab is, so no index outlives them).
+                    buf.slab = Slab::new();
+                }
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());

@@ -102,6 +102,10 @@ impl Store {
     }
 
     pub fn insert(&mut self, id: StreamId, val: Stream) -> Ptr<'_> {
+        if self.slab.capacity() == 0 {
+            // herald: as in `VacantEntry::insert`.
+            self.slab.reserve_exact(1);
+        }
         let index = SlabIndex(self.slab.insert(val) as u32);
         assert!(self.ids.insert(id, index).is_none());
 
@@ -464,6 +468,10 @@ impl<'a> VacantEntry<'a> {
     pub fn insert(self, value: Stream) -> Key {
         // Insert the value in the slab
         let stream_id = value.id;
+        if self.slab.capacity() == 0 {
+            // herald: room for exactly the first stream (four otherwise); it grows from there.
+            self.slab.reserve_exact(1);
+        }
         let index = SlabIndex(self.slab.insert(value) as u32);
 
         // Insert the handle in the ID map
