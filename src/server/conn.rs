@@ -111,18 +111,35 @@ impl Conn {
                 .await;
             }
             Some(acceptor) => {
-                // Boxed whole, so the handshake's and the rustls stream's states are never part
-                // of a plain connection's task (a future is as large as its largest state).
-                let stream = Box::pin(serve_tls(
-                    stream, acceptor, peer, kill, app, &builder, watcher, shutdown, reject,
+                // The handshake and the first look at the request are boxed apart from the
+                // connection that follows: a future is as large as its largest state, and those
+                // states (rustls mid-handshake, the fast path's read) would otherwise stay
+                // allocated for as long as hyper serves the connection.
+                let accepted = Box::pin(accept_tls(
+                    stream, acceptor, peer, kill, &app, shutdown, reject,
                 ))
                 .await;
-                // An HTTP/1.1 stream over TLS on the fast path: its own small task, like a
-                // plaintext one.
-                if let Some((s, watcher)) = stream {
-                    let s = s.holding((watcher, permit, address));
-                    tokio::spawn(s.instrument(tracing::Span::current()));
-                    return;
+                match accepted {
+                    Accepted::Done => {}
+                    // An HTTP/1.1 stream over TLS on the fast path: its own small task, like a
+                    // plaintext one.
+                    Accepted::Stream(s) => {
+                        let s = s.holding((watcher, permit, address));
+                        tokio::spawn(s.instrument(tracing::Span::current()));
+                        return;
+                    }
+                    Accepted::Hyper(stream, info, activity) => {
+                        Box::pin(serve_http(
+                            TokioIo::new(Tracked::new(stream, &app.metrics, info.tls)),
+                            info,
+                            app,
+                            &builder,
+                            watcher,
+                            reject,
+                            activity,
+                        ))
+                        .await;
+                    }
                 }
             }
         }
@@ -130,34 +147,45 @@ impl Conn {
     }
 }
 
-/// The TLS handshake (bounded by a timeout, abandoned when shutdown begins), then HTTP over it;
-/// or, for a fast-path stream, that stream (with the drain watcher it must hold), to be spawned.
-#[allow(clippy::too_many_arguments)]
-async fn serve_tls(
+/// What became of a TLS connection after its handshake.
+enum Accepted {
+    /// Closed, answered on the fast path, or the handshake failed.
+    Done,
+    /// An HTTP/1.1 stream on the fast path, to be spawned.
+    Stream(fast::StreamConn),
+    /// For hyper, with the bytes the fast path read put back.
+    Hyper(
+        Box<fast_tls::Rewind<tokio_rustls::server::TlsStream<TcpStream>>>,
+        ConnInfo,
+        Arc<Activity>,
+    ),
+}
+
+/// The TLS handshake (bounded by a timeout, abandoned when shutdown begins), then the fast
+/// path's look at the first request.
+async fn accept_tls(
     stream: TcpStream,
     acceptor: Acceptor,
     peer: SocketAddr,
     kill: CancellationToken,
-    app: Arc<Service>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
+    app: &Service,
     shutdown: CancellationToken,
     reject: bool,
-) -> Option<(fast::StreamConn, Watcher)> {
+) -> Accepted {
     let handshake = tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
     let stream = tokio::select! {
-        _ = shutdown.cancelled() => return None,
+        _ = shutdown.cancelled() => return Accepted::Done,
         r = handshake => match r {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 debug!(error = %e, "TLS handshake failed");
                 app.metrics.reject("tls-handshake");
-                return None;
+                return Accepted::Done;
             }
             Err(_) => {
                 debug!(timeout = ?tls::HANDSHAKE_TIMEOUT, "TLS handshake timed out");
                 app.metrics.reject("tls-handshake-timeout");
-                return None;
+                return Accepted::Done;
             }
         },
     };
@@ -174,26 +202,14 @@ async fn serve_tls(
         upstream: Default::default(),
     };
     let activity = Activity::new();
-    let stream = if reject {
-        Box::new(fast_tls::Rewind::plain(stream))
-    } else {
-        match fast_tls::try_serve(stream, &app, &info, &activity).await {
-            fast_tls::Outcome::Served => return None,
-            fast_tls::Outcome::Stream(s) => return Some((s, watcher)),
-            fast_tls::Outcome::Hyper(stream) => stream,
-        }
-    };
-    serve_http(
-        TokioIo::new(Tracked::new(stream, &app.metrics, info.tls)),
-        info,
-        app,
-        builder,
-        watcher,
-        reject,
-        activity,
-    )
-    .await;
-    None
+    if reject {
+        return Accepted::Hyper(Box::new(fast_tls::Rewind::plain(stream)), info, activity);
+    }
+    match fast_tls::try_serve(stream, app, &info, &activity).await {
+        fast_tls::Outcome::Served => Accepted::Done,
+        fast_tls::Outcome::Stream(s) => Accepted::Stream(s),
+        fast_tls::Outcome::Hyper(stream) => Accepted::Hyper(stream, info, activity),
+    }
 }
 
 /// Serve HTTP on an established (plain or TLS) byte stream. The auto builder tells HTTP/2 from
