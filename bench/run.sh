@@ -13,7 +13,8 @@
 #   TLS (herald's [tls] and nginx's `ssl` on the same self-signed P-256 certificate, made here):
 #   idle-tls-5k (with herald-plain) idle-tls-18k (HTTP/1.1 over TLS), idle-tls-h2 (HTTP/2 over TLS, one stream per
 #   connection: a browser tab), idle-tls-h2-100 (100 streams per connection), fanout-tls (with
-#   herald-plain, herald without TLS, in the same run), storm-tls (every client drops and
+#   herald-plain, herald without TLS, in the same run), fanout-tls-h2 (browser tabs, one h2
+#   connection each, while 10 changes/s flow), storm-tls (every client drops and
 #   reconnects within 5 s while a change a second goes out; -noresume: the clients keep no TLS
 #   session, every handshake is full), storm-tls-burst (idle streams, all back within 1 s: what a
 #   reconnect costs the server's CPU, nothing else), storm-tls-half (half the clients storm while
@@ -90,6 +91,9 @@ case "$SCENARIO" in
                 SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-plain/') ;;
   idle-tls-18k) STREAMS=18000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000 ;;
   idle-tls-h2)  STREAMS=2000;  TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=500; PROTO=h2; PER_CONN=1 ;;
+  # Browser tabs: one h2 connection each, while changes flow (what releasing h2's buffers after
+  # each write costs in CPU).
+  fanout-tls-h2) STREAMS=2000;  TOPICS=1; RATE=10; HOLD=20; POLL=50; TLS=1; RAMP=500; PROTO=h2; PER_CONN=1 ;;
   idle-tls-h2-100) STREAMS=20000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=5000; PROTO=h2; PER_CONN=100 ;;
   fanout-tls)   STREAMS=5000;  TOPICS=1; RATE=10; HOLD=20; POLL=50; TLS=1; RAMP=1000
                 SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-plain/') ;;
