@@ -310,3 +310,73 @@ async fn curl_speaks_h2c_and_h2_over_tls() {
     h.stop().await;
     up.stop().await;
 }
+
+/// A browser tab's connection (HTTP/2 over TLS, one stream): while it idles, h2 lets go of its
+/// buffers (vendor/h2); heartbeats and events must still arrive, and the same connection must
+/// still carry a large response and further requests when there is work again.
+#[tokio::test]
+async fn an_idle_h2_tls_stream_gets_heartbeats_events_and_large_answers_after_h2_let_go() {
+    let up = TestUpstream::start().await;
+    up.set_json("/api/builds/1", json!({"id": 1, "status": "queued"}));
+    // Larger than h2's 16 KiB write buffer and several frames: the buffer grows back and chains.
+    let big: Vec<String> = (0..20_000).map(|i| format!("item-{i}")).collect();
+    up.set_json("/api/big", json!({ "items": big }));
+    let ca = TestCa::new();
+    let files = TlsFiles::new(&ca.leaf("herald-h2-idle", 71));
+    let h = start_herald(config(
+        &up.url(),
+        &format!("{ROUTES}[sse]\nheartbeat = \"100ms\"\n{}", files.toml()),
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(ca.client_config(&[b"h2"]))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = h2::handshake(tls, Windows::default()).await;
+    let url = h.url("/api/builds/1");
+    let mut s = H2Sse::open(&mut sender, &url).await;
+    assert_eq!((s.status, s.version), (200, http::Version::HTTP_2));
+    let snap = s.expect_event("snapshot", T).await;
+    assert_eq!(snap.event, "snapshot");
+
+    // Idle: three heartbeats, each written after the last one's buffers were let go.
+    let mut beats = 0;
+    let deadline = Instant::now() + T;
+    while beats < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = s.next_any(left).await.expect("heartbeats keep coming");
+        if ev.comment.is_some() {
+            beats += 1;
+        }
+    }
+    // An event after the idle spell.
+    up.set_json("/api/builds/1", json!({"id": 1, "status": "running"}));
+    let mut state = Some(snap.json()["data"].clone());
+    let ev = s.expect_event("patch", T).await;
+    apply_event(&mut state, &ev);
+    assert_eq!(state.unwrap()["status"], "running");
+
+    // A plain GET on the same connection: a 270 KB answer, byte for byte as the upstream sent it.
+    let resp = h2::get(&mut sender, &h.url("/api/big"), false).await;
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(got["items"].as_array().unwrap().len(), 20_000);
+    assert_eq!(got["items"][19_999], "item-19999");
+    // And the stream goes on.
+    up.set_json("/api/builds/1", json!({"id": 1, "status": "done"}));
+    let ev = s.expect_event("patch", T).await;
+    assert!(ev.data.contains("done"), "{}", ev.data);
+    drop((s, sender));
+    conn.abort();
+    h.stop().await;
+    up.stop().await;
+}
