@@ -85,7 +85,9 @@ impl Conn {
                 let stream = if reject {
                     stream
                 } else {
-                    match fast::try_serve(stream, &app, &info, &activity).await {
+                    // Boxed too: inline, its read state would size the task of every
+                    // connection, TLS ones included, for their whole life.
+                    match Box::pin(fast::try_serve(stream, &app, &info, &activity)).await {
                         fast::Outcome::Served => return,
                         // The stream gets its own small task and this one ends: its states
                         // (the hyper path, the request) would size the stream's memory.
