@@ -67,13 +67,14 @@ impl Conn {
             permit,
             address,
         } = self;
-        // The clock of `header_timeout` starts at accept (after the TLS handshake, which has its
-        // own).
-        let activity = Activity::new();
         let reject = matches!(permit, Permit::Reject(_));
         app.metrics.count_if(reject, "max-connections");
-        match tls {
+        let held = (watcher, permit, address);
+        let (stream, info, activity): (Box<dyn Io>, _, _) = match tls {
             None => {
+                // The clock of `header_timeout` starts at accept (after the TLS handshake, which
+                // has its own).
+                let activity = Activity::new();
                 let info = ConnInfo {
                     peer,
                     tls: false,
@@ -85,68 +86,59 @@ impl Conn {
                 let stream = if reject {
                     stream
                 } else {
-                    // Boxed too: inline, its read state would size the task of every
-                    // connection, TLS ones included, for their whole life.
+                    // Boxed: inline, its read state would size the task of every connection,
+                    // TLS ones included, for their whole life.
                     match Box::pin(fast::try_serve(stream, &app, &info, &activity)).await {
                         fast::Outcome::Served => return,
                         // The stream gets its own small task and this one ends: its states
                         // (the hyper path, the request) would size the stream's memory.
-                        fast::Outcome::Stream(s) => {
-                            let s = s.holding((watcher, permit, address));
-                            tokio::spawn(s.instrument(tracing::Span::current()));
-                            return;
-                        }
+                        fast::Outcome::Stream(s) => return spawn_stream(s, held),
                         fast::Outcome::Hyper(stream) => stream,
                     }
                 };
-                // Boxed, like the TLS path: inline, hyper's connection state would size every
-                // connection's task, fast-path streams included.
-                Box::pin(serve_http(
-                    TokioIo::new(Tracked::new(stream, &app.metrics, info.tls)),
-                    info,
-                    app,
-                    &builder,
-                    watcher,
-                    reject,
-                    activity,
-                ))
-                .await;
+                (Box::new(stream), info, activity)
             }
-            Some(acceptor) => {
-                // The handshake and the first look at the request are boxed apart from the
-                // connection that follows: a future is as large as its largest state, and those
-                // states (rustls mid-handshake, the fast path's read) would otherwise stay
-                // allocated for as long as hyper serves the connection.
-                let accepted = Box::pin(accept_tls(
-                    stream, acceptor, peer, kill, &app, shutdown, reject,
-                ))
-                .await;
-                match accepted {
-                    Accepted::Done => {}
-                    // An HTTP/1.1 stream over TLS on the fast path: its own small task, like a
-                    // plaintext one.
-                    Accepted::Stream(s) => {
-                        let s = s.holding((watcher, permit, address));
-                        tokio::spawn(s.instrument(tracing::Span::current()));
-                        return;
-                    }
-                    Accepted::Hyper(stream, info, activity) => {
-                        Box::pin(serve_http(
-                            TokioIo::new(Tracked::new(stream, &app.metrics, info.tls)),
-                            info,
-                            app,
-                            &builder,
-                            watcher,
-                            reject,
-                            activity,
-                        ))
-                        .await;
-                    }
-                }
-            }
-        }
+            // The handshake and the first look at the request are boxed apart from the
+            // connection that follows, for the same reason: rustls mid-handshake and the fast
+            // path's read would otherwise stay allocated for as long as hyper serves it.
+            Some(acceptor) => match Box::pin(accept_tls(
+                stream, acceptor, peer, kill, &app, shutdown, reject,
+            ))
+            .await
+            {
+                Accepted::Done => return,
+                // An HTTP/1.1 stream over TLS on the fast path: its own small task, like a
+                // plaintext one.
+                Accepted::Stream(s) => return spawn_stream(s, held),
+                Accepted::Hyper(stream, info, activity) => (stream, info, activity),
+            },
+        };
+        let (watcher, permit, address) = held;
+        // Boxed, like the paths above: inline, hyper's connection state would size every
+        // connection's task, fast-path streams included.
+        Box::pin(serve_http(
+            TokioIo::new(Tracked::new(stream, &app.metrics, info.tls)),
+            info,
+            app,
+            &builder,
+            watcher,
+            reject,
+            activity,
+        ))
+        .await;
         drop((permit, address));
     }
+}
+
+/// A connection's byte stream, plain or TLS, as hyper serves it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// A fast-path stream runs in its own small task, holding what its connection held (the drain
+/// watcher, the connection permit, its place in the per-address count) until it ends.
+fn spawn_stream(s: fast::StreamConn, held: (Watcher, Permit, super::AddressSlot)) {
+    tokio::spawn(s.holding(held).instrument(tracing::Span::current()));
 }
 
 /// What became of a TLS connection after its handshake.
