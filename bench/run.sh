@@ -11,7 +11,8 @@
 #
 # Scenarios: idle-1k idle-5k idle-18k idle-h2 fanout fanout-10k topics gzip churn sources still
 #   TLS (herald's [tls] and nginx's `ssl` on the same self-signed P-256 certificate, made here):
-#   idle-tls-5k (with herald-plain) idle-tls-18k (HTTP/1.1 over TLS), idle-tls-h2 (HTTP/2 over TLS, one stream per
+#   idle-tls-5k (with herald-plain) idle-tls-18k (HTTP/1.1 over TLS), idle-tls12-5k (clients
+#   offering TLS 1.2 only), idle-tls-h2 (HTTP/2 over TLS, one stream per
 #   connection: a browser tab), idle-tls-h2-100 (100 streams per connection), fanout-tls (with
 #   herald-plain, herald without TLS, in the same run), fanout-tls-h2 (browser tabs, one h2
 #   connection each, while 10 changes/s flow), storm-tls (every client drops and
@@ -57,7 +58,7 @@ NODE_PORT=${NODE_PORT:-18082}; FLOOR_PORT=${FLOOR_PORT:-18090}; NCHAN_TLS_PORT=$
 
 # Scenario parameters: streams, topics, change rate per topic (/s), body size, herald's poll
 # interval, hold seconds, protocol, gzip, churn lifetime, workers.
-TLS=0; STORM=0; STORM_WINDOW=5; STORM_SHARE=1; PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000; PER_USER=0
+TLS=0; TLS12=0; STORM=0; STORM_WINDOW=5; STORM_SHARE=1; PROTO=h1; GZIP=""; CHURN=0; WORKERS=4; RAMP=2000; PER_CONN=100; SIZE=200; POLL=2000; PER_USER=0
 case "$SCENARIO" in
   idle-1k)    STREAMS=1000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
   idle-5k)    STREAMS=5000;  TOPICS=1;    RATE=0;   HOLD=20 ;;
@@ -89,6 +90,8 @@ case "$SCENARIO" in
               SERVERS="herald herald-adaptive" ;;
   idle-tls-5k)  STREAMS=5000;  TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000
                 SERVERS=$(echo "$SERVERS" | sed -e 's/herald/herald herald-plain/') ;;
+  # The same with clients that offer TLS 1.2 only (the fast path seals TLS 1.2 records too).
+  idle-tls12-5k) STREAMS=5000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000; TLS12=1 ;;
   idle-tls-18k) STREAMS=18000; TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=1000 ;;
   idle-tls-h2)  STREAMS=2000;  TOPICS=1; RATE=0; HOLD=20; TLS=1; RAMP=500; PROTO=h2; PER_CONN=1 ;;
   # Browser tabs: one h2 connection each, while changes flow (what releasing h2's buffers after
@@ -208,6 +211,7 @@ run_one() {
   [ "$PER_USER" != 0 ] && extra+=(--per-user "$PER_USER" --users 10)
   [ "$STORM" != 0 ] && extra+=(--storm "$STORM" --storm-window "$STORM_WINDOW" --storm-share "$STORM_SHARE")
   case $name in *-noresume) extra+=(--resume false) ;; esac
+  [ "$TLS12" = 1 ] && extra+=(--tls12)
   case $name in
     herald*) extra+=(--upstream-stats http://127.0.0.1:$UP_PORT --poll-interval-ms $POLL --keyed-by-credential) ;;
   esac

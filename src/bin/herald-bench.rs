@@ -102,6 +102,10 @@ struct Load {
     /// (false: every handshake is a full one).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     resume: bool,
+    /// https targets: offer TLS 1.2 only (ECDHE with AES-GCM or ChaCha20-Poly1305), as older
+    /// clients do; default: TLS 1.3 and 1.2, so 1.3 is chosen.
+    #[arg(long)]
+    tls12: bool,
     /// Reconnect storm: this many seconds after the ramp, every connection closes at a random
     /// instant within `--storm-window` seconds and reconnects at once (0: no storm).
     #[arg(long, default_value_t = 0.0)]
@@ -1380,9 +1384,14 @@ async fn consume(
 /// servers with a throwaway certificate).
 fn tls_client(load: &Load) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&'static rustls::SupportedProtocolVersion] = if load.tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        rustls::DEFAULT_VERSIONS
+    };
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default versions")
+        .with_protocol_versions(versions)
+        .expect("ring supports TLS 1.2 and 1.3")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
         .with_no_client_auth();
