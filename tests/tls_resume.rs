@@ -268,3 +268,52 @@ async fn a_shared_ticket_key_lets_another_herald_resume_the_session() {
     assert!(err.contains("ticket.key") && err.contains("32"), "{err}");
     up.stop().await;
 }
+
+/// Rotating `ticket_key` (the file rewritten, then a reload as SIGHUP or the file watcher does it)
+/// is a clean cut: a ticket sealed under the old secret no longer opens, the next handshake is full
+/// and its ticket opens under the new secret (here and in a herald started with the new file). A
+/// broken new file is refused and the secret in use stays.
+#[tokio::test]
+async fn a_rotated_ticket_key_takes_effect_on_reload_and_old_tickets_stop_opening() {
+    let up = TestUpstream::start().await;
+    up.set_json("/api/builds/1", serde_json::json!({"id": 1}));
+    let ca = TestCa::new();
+    let files = TlsFiles::new(&ca.leaf("herald-rotate", 4));
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ticket.key");
+    std::fs::write(&key, [0x11u8; 48]).unwrap();
+    let shared = format!("ticket_key = '{}'\n", key.display());
+    let h = herald_with(&up, &files, &shared).await;
+    let acceptor = h.tls.clone().expect("a TLS listener");
+    let config = client(&ca, Flavour::Tls13, None);
+    assert_eq!(visit(h.addr, &config).await, HandshakeKind::Full);
+    assert_eq!(visit(h.addr, &config).await, HandshakeKind::Resumed);
+
+    // The same file read again changes nothing.
+    acceptor.reload().unwrap();
+    assert_eq!(visit(h.addr, &config).await, HandshakeKind::Resumed);
+
+    // Rotated.
+    std::fs::write(&key, [0x22u8; 48]).unwrap();
+    acceptor.reload().unwrap();
+    assert_eq!(
+        visit(h.addr, &config).await,
+        HandshakeKind::Full,
+        "a ticket of the old secret no longer opens"
+    );
+    assert_eq!(visit(h.addr, &config).await, HandshakeKind::Resumed);
+    // A herald started with the new file opens the tickets issued since.
+    let fresh = herald_with(&up, &files, &shared).await;
+    assert_eq!(visit(fresh.addr, &config).await, HandshakeKind::Resumed);
+
+    // A broken file: the reload fails naming it, and the new secret stays in use.
+    std::fs::write(&key, b"too short").unwrap();
+    let err = acceptor
+        .reload()
+        .expect_err("a short ticket key is refused");
+    assert!(err.to_string().contains("ticket.key"), "{err}");
+    assert_eq!(visit(h.addr, &config).await, HandshakeKind::Resumed);
+    h.stop().await;
+    fresh.stop().await;
+    up.stop().await;
+}

@@ -26,16 +26,18 @@ pub struct Tickets {
     lifetime: u64,
     keys: RwLock<Keys>,
     rng: SystemRandom,
-    /// The shared secret's pseudo-random key, when keys are derived rather than random.
-    secret: Option<hkdf::Prk>,
 }
 
 /// The key of the current period and of the one before it (each `None` if never made: a
-/// process that starts in period `p` has no key for `p - 1`).
+/// process that starts in period `p` has no key for `p - 1`), and where they come from.
 struct Keys {
     period: u64,
     current: LessSafeKey,
     previous: Option<LessSafeKey>,
+    /// The shared secret's pseudo-random key, when keys are derived rather than random.
+    secret: Option<hkdf::Prk>,
+    /// A digest of that secret, to tell a changed file from the same one read again.
+    fingerprint: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Tickets {
@@ -51,28 +53,35 @@ impl Tickets {
     /// from `secret` (then the previous period's key is there from the start).
     pub fn new(lifetime: Duration, secret: Option<&[u8]>) -> Option<Tickets> {
         let lifetime = lifetime.as_secs().max(1);
-        let secret = secret.map(|s| {
-            hkdf::Salt::new(hkdf::HKDF_SHA256, b"herald session-ticket keys v1").extract(s)
-        });
-        let period = now() / lifetime;
-        let mut t = Tickets {
+        let rng = SystemRandom::new();
+        let keys = Keys::start(secret, &rng, lifetime, now() / lifetime)?;
+        Some(Tickets {
             lifetime,
-            keys: RwLock::new(Keys {
-                period,
-                current: fresh_key(&SystemRandom::new())?,
-                previous: None,
-            }),
-            rng: SystemRandom::new(),
-            secret,
-        };
-        let keys = t.keys.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if t.secret.is_some() {
-            keys.current = key_for(&t.secret, &t.rng, lifetime, period)?;
-            keys.previous = period
-                .checked_sub(1)
-                .and_then(|p| key_for(&t.secret, &t.rng, lifetime, p));
+            keys: RwLock::new(keys),
+            rng,
+        })
+    }
+
+    /// Use `secret` (None: random keys) from now on, if it is not the one in use: `[tls]
+    /// ticket_key` was rotated. A clean cut: tickets sealed under the old secret no longer open
+    /// (their clients make one full handshake), which is what a rotation after a leak needs.
+    /// Returns whether the keys changed.
+    pub fn set_secret(&self, secret: Option<&[u8]>) -> bool {
+        let fingerprint = secret.map(fingerprint);
+        if self
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fingerprint
+            == fingerprint
+        {
+            return false;
         }
-        Some(t)
+        let Some(fresh) = Keys::start(secret, &self.rng, self.lifetime, self.period()) else {
+            return false;
+        };
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        true
     }
 
     /// Move to the period `now` falls in, making its key and erasing keys two periods old. A
@@ -95,20 +104,18 @@ impl Tickets {
         }
         if period < keys.period {
             if let (Some(current), previous) = (
-                key_for(&self.secret, &self.rng, self.lifetime, period),
+                key_for(&keys.secret, &self.rng, self.lifetime, period),
                 period
                     .checked_sub(1)
-                    .and_then(|p| key_for(&self.secret, &self.rng, self.lifetime, p)),
+                    .and_then(|p| key_for(&keys.secret, &self.rng, self.lifetime, p)),
             ) {
-                *keys = Keys {
-                    period,
-                    current,
-                    previous,
-                };
+                keys.period = period;
+                keys.current = current;
+                keys.previous = previous;
             }
             return;
         }
-        let Some(next) = key_for(&self.secret, &self.rng, self.lifetime, period) else {
+        let Some(next) = key_for(&keys.secret, &self.rng, self.lifetime, period) else {
             return;
         };
         let old = std::mem::replace(&mut keys.current, next);
@@ -116,8 +123,8 @@ impl Tickets {
         // (a derived one is derived again).
         keys.previous = if period == keys.period + 1 {
             Some(old)
-        } else if self.secret.is_some() {
-            key_for(&self.secret, &self.rng, self.lifetime, period - 1)
+        } else if keys.secret.is_some() {
+            key_for(&keys.secret, &self.rng, self.lifetime, period - 1)
         } else {
             None
         };
@@ -198,6 +205,41 @@ impl Tickets {
     }
 }
 
+impl Keys {
+    /// The keys of `period` (and, when derived, of the one before) from `secret`, or random.
+    fn start(
+        secret: Option<&[u8]>,
+        rng: &SystemRandom,
+        lifetime: u64,
+        period: u64,
+    ) -> Option<Keys> {
+        let prk = secret.map(|s| {
+            hkdf::Salt::new(hkdf::HKDF_SHA256, b"herald session-ticket keys v1").extract(s)
+        });
+        let current = key_for(&prk, rng, lifetime, period)?;
+        let previous = match &prk {
+            Some(_) => period
+                .checked_sub(1)
+                .and_then(|p| key_for(&prk, rng, lifetime, p)),
+            None => None,
+        };
+        Some(Keys {
+            period,
+            current,
+            previous,
+            secret: prk,
+            fingerprint: secret.map(fingerprint),
+        })
+    }
+}
+
+fn fingerprint(secret: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, secret);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
 /// The key of `period`: derived from the secret (the same in every herald that shares it; the
 /// lifetime is part of the info, so heralds with different lifetimes do not share keys), or random.
 fn key_for(
@@ -276,6 +318,28 @@ mod tests {
         assert_eq!(t.decrypt(&[]), None);
         assert_eq!(t.decrypt(&[0u8; HEADER_LEN]), None);
         assert_eq!(t.decrypt(&vec![0u8; MAX_TICKET + 1]), None);
+    }
+
+    #[test]
+    fn a_new_secret_is_a_clean_cut_and_the_same_one_changes_nothing() {
+        let hour = Duration::from_secs(3600);
+        let t = Tickets::new(hour, Some(&[1u8; 48])).unwrap();
+        let old = t.encrypt(b"state").unwrap();
+        assert!(
+            !t.set_secret(Some(&[1u8; 48])),
+            "the same secret read again"
+        );
+        assert_eq!(t.decrypt(&old).unwrap(), b"state");
+        assert!(t.set_secret(Some(&[2u8; 48])));
+        assert_eq!(t.decrypt(&old), None, "sealed under the old secret");
+        let new = t.encrypt(b"state").unwrap();
+        let peer = Tickets::new(hour, Some(&[2u8; 48])).unwrap();
+        assert_eq!(peer.decrypt(&new).unwrap(), b"state");
+        // Random keys stay random (and stay put) when no secret is configured.
+        let r = Tickets::new(hour, None).unwrap();
+        let sealed = r.encrypt(b"state").unwrap();
+        assert!(!r.set_secret(None));
+        assert_eq!(r.decrypt(&sealed).unwrap(), b"state");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 pub struct Acceptor {
     inner: tokio_rustls::TlsAcceptor,
     certs: Arc<CertStore>,
+    /// The session-ticket keys, re-derived when `ticket_key` changes.
+    tickets: Arc<Tickets>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -99,7 +101,7 @@ impl Acceptor {
         // ticket, other TLS 1.2 clients by session ID from a cache of the configured size.
         // rustls's default is a 256-entry cache and no tickets: in a reconnect storm of
         // thousands almost every client would pay a full handshake.
-        config.ticketer = Arc::new(
+        let tickets = Arc::new(
             Tickets::new(resumption.ticket_lifetime, secret.as_deref()).ok_or_else(|| {
                 Error::Tls {
                     path: PathBuf::from("<session tickets>"),
@@ -107,6 +109,7 @@ impl Acceptor {
                 }
             })?,
         );
+        config.ticketer = tickets.clone();
         // The HTTP/1.1 stream fast path takes over sending once the first request is read
         // (`fast_tls.rs`): rustls hands it the send key, and its buffers are freed.
         config.enable_secret_extraction = true;
@@ -118,6 +121,7 @@ impl Acceptor {
         Ok(Acceptor {
             inner: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             certs,
+            tickets,
         })
     }
 
@@ -134,8 +138,10 @@ impl Acceptor {
         self.certs.current().cert.clone()
     }
 
-    /// Read the files again and, if they form a valid pair, use them for new handshakes. On error
-    /// the previous certificate stays in use. Does nothing for an in-memory certificate.
+    /// Read the files again and, if they form a valid pair, use them for new handshakes; read
+    /// `ticket_key` again and, if it changed, derive new ticket keys (tickets sealed under the old
+    /// secret stop opening). On error what was in use stays, for each of the two independently.
+    /// Does nothing for an in-memory certificate.
     pub fn reload(&self) -> Result<()> {
         let Some(files) = &self.certs.files else {
             return Ok(());
@@ -144,18 +150,24 @@ impl Acceptor {
         // again after this stamp, so the watcher reloads once more.
         let stamp = Stamp::of(files);
         let result = load(files);
+        let secret = ticket_secret(files);
         *self
             .certs
             .stamp
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = stamp;
+        if let Ok(secret) = &secret {
+            if self.tickets.set_secret(secret.as_deref()) {
+                info!("TLS session-ticket keys derived from the new ticket_key");
+            }
+        }
         let key = result?;
         *self
             .certs
             .current
             .write()
             .unwrap_or_else(PoisonError::into_inner) = key;
-        Ok(())
+        secret.map(|_| ())
     }
 
     /// Reload if the files' modification time, size or inode changed since the last load; returns
@@ -202,9 +214,9 @@ impl Acceptor {
                 })
                 .await;
                 match outcome {
-                    Ok(Some(Ok(()))) => info!(forced, "TLS certificate reloaded"),
+                    Ok(Some(Ok(()))) => info!(forced, "TLS files reloaded"),
                     Ok(Some(Err(e))) => {
-                        warn!(error = %e, "TLS reload failed; keeping the previous certificate")
+                        warn!(error = %e, "TLS reload failed; keeping what was in use")
                     }
                     Ok(None) => {}
                     Err(e) => warn!(error = %e, "TLS reload task failed"),
@@ -242,15 +254,25 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-/// Modification time, size and inode of the cert and key files: a change in any means new files
-/// (an in-place write changes the time and usually the size; a symlink or rename swap, as
-/// certbot and Kubernetes secrets do, changes the inode).
+/// Modification time, size and inode of the cert, key and `ticket_key` files: a change in any
+/// means new files (an in-place write changes the time and usually the size; a symlink or rename
+/// swap, as certbot and Kubernetes secrets do, changes the inode).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp([(Option<SystemTime>, u64, u64); 2]);
+struct Stamp(
+    [(Option<SystemTime>, u64, u64); 2],
+    Option<(Option<SystemTime>, u64, u64)>,
+);
 
 impl Stamp {
     fn of(files: &config::Tls) -> Option<Stamp> {
-        Some(Stamp([file_stamp(&files.cert)?, file_stamp(&files.key)?]))
+        let tickets = match &files.resumption.ticket_key {
+            Some(path) => Some(file_stamp(path)?),
+            None => None,
+        };
+        Some(Stamp(
+            [file_stamp(&files.cert)?, file_stamp(&files.key)?],
+            tickets,
+        ))
     }
 }
 
