@@ -24,7 +24,7 @@ done
 bench/run.sh idle-h2 --reps "$REPS"
 # TLS (issue 18): idle HTTP/1.1 and HTTP/2 over TLS, fan-out over TLS next to plaintext, and
 # reconnect storms with and without session resumption.
-for s in idle-tls-5k idle-tls-18k idle-tls-h2 idle-tls-h2-100 fanout-tls storm-tls storm-tls-burst storm-tls-half; do
+for s in idle-tls-5k idle-tls12-5k idle-tls-18k idle-tls-h2 idle-tls-h2-100 fanout-tls fanout-tls-h2 storm-tls storm-tls-burst storm-tls-half; do
   bench/run.sh "$s" --reps "$REPS"
 done
 # Churn: a minute of every server side by side, then ten minutes of herald with a history small
