@@ -39,14 +39,16 @@ async fn a_stuck_reader_is_cut_while_fast_readers_keep_up() {
     up.set_json("/big", big(0));
     let h = start_herald(config(
         &up.url(),
-        "[sse]\nslow_timeout = \"1s\"\nhistory = 4\n[[route]]\npath = \"/big\"\ninterval = \"50ms\"\n",
+        "[sse]\nslow_timeout = \"5s\"\nhistory = 4\n[[route]]\npath = \"/big\"\ninterval = \"50ms\"\n",
     ))
     .await;
     let mut stuck = stalled_reader(h.addr, "/big").await;
     let mut fast = SseClient::connect(&h.url("/big"), None).await;
     fast.expect_event("snapshot", T).await;
 
-    // Change the state 16 times; the fast reader sees each change within a few poll intervals.
+    // Change the state 16 times; the fast reader sees each change without waiting for the stuck
+    // reader to be dealt with: a topic held back by it would hold each change for slow_timeout
+    // (5 s, long enough that a loaded machine's own lag, seen up to 3.4 s, is not mistaken for it).
     let mut worst = Duration::ZERO;
     for n in 1..=16u64 {
         up.set_json("/big", big(n));
@@ -61,11 +63,13 @@ async fn a_stuck_reader_is_cut_while_fast_readers_keep_up() {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     assert!(
-        worst < Duration::from_millis(1500),
-        "fast reader lagged {worst:?}"
+        worst < Duration::from_secs(5),
+        "fast reader lagged {worst:?}, as long as the stuck reader's slow_timeout"
     );
 
-    // The stuck reader is cut: its connection closes within slow_timeout + grace + a sweep.
+    // The stuck reader is marked slow once its events have been pending for slow_timeout (not
+    // before this drains it: reading would unstick it), then cut: its connection closes.
+    assert!(eventually(Duration::from_secs(20), || h.hub.slow_consumers() >= 1).await);
     let started = Instant::now();
     let mut sink = vec![0u8; 1 << 20];
     let closed = loop {
