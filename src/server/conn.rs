@@ -21,7 +21,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use super::idle::{Activity, BusyBody};
 use super::observe::Tracked;
-use super::{fast, fast_tls, json_error, router, ConnInfo, Service};
+use super::{fast, fast_tls, handover, json_error, router, ConnInfo, Service};
 
 /// What a connection task needs from its listener.
 pub(super) struct Conn {
@@ -149,7 +149,7 @@ enum Accepted {
     Stream(fast::StreamConn),
     /// For hyper, with the bytes the fast path read put back.
     Hyper(
-        Box<fast_tls::Rewind<tokio_rustls::server::TlsStream<TcpStream>>>,
+        Box<fast_tls::Rewind<super::tls_stream::TlsStream>>,
         ConnInfo,
         Arc<Activity>,
     ),
@@ -166,7 +166,10 @@ async fn accept_tls(
     shutdown: CancellationToken,
     reject: bool,
 ) -> Accepted {
-    let handshake = tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+    let handshake = tokio::time::timeout(
+        tls::HANDSHAKE_TIMEOUT,
+        handover::handshake(acceptor.config(), stream),
+    );
     let stream = tokio::select! {
         _ = shutdown.cancelled() => return Accepted::Done,
         r = handshake => match r {
@@ -183,11 +186,7 @@ async fn accept_tls(
             }
         },
     };
-    let alpn = stream
-        .get_ref()
-        .1
-        .alpn_protocol()
-        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let alpn = stream.alpn.as_deref().map(String::from_utf8_lossy);
     debug!(alpn = alpn.as_deref().unwrap_or("none"), "TLS established");
     let info = ConnInfo {
         peer,
@@ -197,7 +196,11 @@ async fn accept_tls(
     };
     let activity = Activity::new();
     if reject {
-        return Accepted::Hyper(Box::new(fast_tls::Rewind::plain(stream)), info, activity);
+        return Accepted::Hyper(
+            Box::new(fast_tls::Rewind::plain(stream.stream)),
+            info,
+            activity,
+        );
     }
     match fast_tls::try_serve(stream, app, &info, &activity).await {
         fast_tls::Outcome::Served => Accepted::Done,

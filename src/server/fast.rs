@@ -22,7 +22,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use super::idle::{Activity, Idle};
-use super::sealed::Sealer;
+use super::record::Sealer;
 use super::{router, ConnInfo, ResponseBody, Service};
 use crate::telemetry::Protocol;
 

@@ -1,21 +1,20 @@
-//! The stream fast path over TLS: after a TLS 1.3 or 1.2 handshake that chose HTTP/1.1, the first request
-//! is read through rustls; if it is a stream herald answers itself, rustls gives up the send key
-//! (`sealed.rs`) and the stream runs on the bare socket like a plaintext one, its rustls and hyper
-//! buffers freed. Anything else goes to hyper, with the bytes already read put back in front.
+//! The stream fast path over TLS: after a handshake that chose HTTP/1.1 (or nothing), the first
+//! request is read; if it is a stream herald answers itself, it runs on the bare socket with the
+//! send key (`record.rs`) like a plaintext one. Anything else goes to hyper, with the bytes
+//! already read put back in front.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tracing::debug;
 
 use super::fast::{self, OpenConn, StreamConn};
+use super::handover::Established;
 use super::idle::{Activity, Idle};
-use super::sealed::{self, Sealer};
+use super::tls_stream::TlsStream;
 use super::{ConnInfo, Service};
 use crate::telemetry::Protocol;
 
@@ -28,26 +27,20 @@ pub(super) enum Outcome {
     Served,
     /// A stream on the bare socket: the caller spawns it.
     Stream(StreamConn),
-    /// For hyper, with what was read so far put back (boxed: the rustls state is large).
-    Hyper(Box<Rewind<TlsStream<TcpStream>>>),
+    /// For hyper, with what was read so far put back.
+    Hyper(Box<Rewind<TlsStream>>),
 }
 
 /// Serve `tls` here if it is HTTP/1.1 (or no ALPN) and its first request is a stream herald
 /// answers itself.
 pub(super) async fn try_serve(
-    mut tls: TlsStream<TcpStream>,
+    established: Established,
     app: &Service,
     info: &ConnInfo,
     activity: &Activity,
 ) -> Outcome {
-    let conn = tls.get_ref().1;
-    let h1 = matches!(conn.alpn_protocol(), None | Some(b"http/1.1"));
-    let tls13 = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => true,
-        Some(rustls::ProtocolVersion::TLSv1_2) => false,
-        _ => return Outcome::Hyper(Box::new(Rewind::plain(tls))),
-    };
-    if !h1 {
+    let mut tls = established.stream;
+    if !matches!(established.alpn.as_deref(), None | Some(b"http/1.1")) {
         return Outcome::Hyper(Box::new(Rewind::plain(tls)));
     }
     let limit = app.connections.header_timeout;
@@ -83,28 +76,9 @@ pub(super) async fn try_serve(
         return Outcome::Hyper(Box::new(Rewind::new(tls, buf.into())));
     };
     drop(buf);
-    // Anything rustls still holds to send (session tickets, a KeyUpdate the client asked for)
-    // goes out before it lets go, within the head's deadline.
-    sealed::settle(tls.get_mut().1);
-    let flushed = tokio::select! {
-        r = tokio::time::timeout_at(due, tls.flush()) => matches!(r, Ok(Ok(()))),
-        _ = info.kill.cancelled() => false,
-    };
-    if !flushed {
+    // Nothing was written yet, so the send half is free to go.
+    let Some((tcp, sealer)) = tls.into_send_half() else {
         return Outcome::Served;
-    }
-    let (tcp, conn) = tls.into_inner();
-    let sealer = match conn.dangerous_extract_secrets() {
-        Ok(secrets) => Sealer::new(tls13, secrets.tx.0, secrets.tx.1).map_err(|e| format!("{e:?}")),
-        Err(e) => Err(e.to_string()),
-    };
-    let sealer = match sealer {
-        Ok(s) => s,
-        Err(e) => {
-            // Not expected (the version and extraction are checked above): the client reconnects.
-            debug!(error = %e, "TLS keys not extractable; closing");
-            return Outcome::Served;
-        }
     };
     let open = OpenConn(app.metrics.connection(Protocol::h1, true));
     Outcome::Stream(StreamConn::new(
@@ -112,7 +86,7 @@ pub(super) async fn try_serve(
         resp,
         info.kill.clone(),
         open,
-        Some(Box::new(sealer)),
+        Some(sealer),
     ))
 }
 

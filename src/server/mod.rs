@@ -8,6 +8,7 @@ mod conn;
 pub mod cors;
 mod fast;
 mod fast_tls;
+mod handover;
 mod get;
 mod idle;
 pub mod mux;
@@ -16,8 +17,9 @@ mod open;
 pub mod proxy;
 pub mod publish;
 pub mod router;
-mod sealed;
+mod record;
 mod tickets;
+mod tls_stream;
 pub mod tls;
 
 use std::collections::HashMap;

@@ -13,7 +13,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -33,7 +32,7 @@ pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// reload through any of them is seen by all.
 #[derive(Clone)]
 pub struct Acceptor {
-    inner: tokio_rustls::TlsAcceptor,
+    config: Arc<ServerConfig>,
     certs: Arc<CertStore>,
     /// The session-ticket keys, re-derived when `ticket_key` changes.
     tickets: Arc<Tickets>,
@@ -110,8 +109,8 @@ impl Acceptor {
             })?,
         );
         config.ticketer = tickets.clone();
-        // The HTTP/1.1 stream fast path takes over sending once the first request is read
-        // (`fast_tls.rs`): rustls hands it the send key, and its buffers are freed.
+        // rustls does the handshakes only: then it hands the keys to herald's record layer
+        // (`handover.rs`) and its buffers are freed.
         config.enable_secret_extraction = true;
         config.session_storage = if resumption.session_cache == 0 {
             Arc::new(rustls::server::NoServerSessionStorage {})
@@ -119,18 +118,15 @@ impl Acceptor {
             rustls::server::ServerSessionMemoryCache::new(resumption.session_cache)
         };
         Ok(Acceptor {
-            inner: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            config: Arc::new(config),
             certs,
             tickets,
         })
     }
 
-    /// Complete a server handshake on `stream` (callers bound it with [`HANDSHAKE_TIMEOUT`]).
-    pub async fn accept(
-        &self,
-        stream: TcpStream,
-    ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-        self.inner.accept(stream).await
+    /// The rustls configuration handshakes use (`handover.rs` drives them).
+    pub(super) fn config(&self) -> Arc<ServerConfig> {
+        self.config.clone()
     }
 
     /// The certificate chain new handshakes present (leaf first).
