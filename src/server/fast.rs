@@ -186,7 +186,7 @@ pub(super) struct StreamConn {
     /// The body has ended: once `out` is written, the stream is done.
     finished: bool,
     killed: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// Over TLS: each frame goes out as TLS records sealed here (`sealed.rs`).
+    /// Over TLS: each frame goes out as TLS records sealed here (`record.rs`).
     seal: Option<Box<Sealer>>,
     _open: OpenConn,
     /// Whatever must live as long as the connection (its drain watcher and its place in the

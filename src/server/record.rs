@@ -65,8 +65,11 @@ impl std::fmt::Display for RecordError {
 impl std::error::Error for RecordError {}
 
 /// One direction's key: the AEAD key, its IV, the next record's sequence number and the framing.
+/// The key is kept as its bytes, and ring's key (its schedule and GHASH table, ~550 B for
+/// AES-GCM) is built for each write or record: an idle connection holds 64 bytes per direction.
 struct Key {
-    key: LessSafeKey,
+    alg: &'static aead::Algorithm,
+    secret: [u8; 32],
     iv: [u8; NONCE_LEN],
     seq: u64,
     version: Version,
@@ -102,15 +105,28 @@ impl Key {
             (false, false) => Version::Tls12Gcm,
             (false, true) => Version::Tls12Chacha,
         };
-        let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| Unsupported)?;
+        // Checked once here, so that building it again later cannot fail.
+        UnboundKey::new(alg, key.as_ref()).map_err(|_| Unsupported)?;
+        let mut secret = [0u8; 32];
+        secret
+            .get_mut(..key.as_ref().len())
+            .ok_or(Unsupported)?
+            .copy_from_slice(key.as_ref());
         // TLS 1.2 AES-GCM: the 4-byte salt and 8 bytes from the key block, as rustls builds it.
         let iv: [u8; NONCE_LEN] = iv.as_ref().try_into().map_err(|_| Unsupported)?;
         Ok(Key {
-            key: LessSafeKey::new(key),
+            alg,
+            secret,
             iv,
             seq,
             version,
         })
+    }
+
+    /// ring's key, built from the bytes (a key schedule with AES-NI: well under a microsecond).
+    fn aead(&self) -> Option<LessSafeKey> {
+        let key = UnboundKey::new(self.alg, self.secret.get(..self.alg.key_len())?).ok()?;
+        Some(LessSafeKey::new(key))
     }
 
     /// This record's nonce: the IV with the sequence number XORed into its last 8 bytes.
@@ -213,7 +229,8 @@ impl Opener {
         }
         let sealed = body.get_mut(skip..).ok_or(RecordError::Bad)?;
         let plain = k
-            .key
+            .aead()
+            .ok_or(RecordError::Bad)?
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(&aad[..aad_len]),
@@ -265,6 +282,7 @@ impl Sealer {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let records = total.div_ceil(MAX_FRAGMENT).max(1);
         out.reserve(total + records * (HEADER + 9 + aead::MAX_TAG_LEN));
+        let key = self.0.aead()?;
         let (mut part, mut at) = (0, 0);
         for r in 0..records {
             let len = if r + 1 == records {
@@ -285,7 +303,7 @@ impl Sealer {
                     (part, at) = (part + 1, 0);
                 }
             }
-            self.close_record(APPLICATION_DATA, start, len, out)?;
+            self.close_record(&key, APPLICATION_DATA, start, len, out)?;
         }
         Some(())
     }
@@ -306,7 +324,7 @@ impl Sealer {
         let start = out.len();
         self.open_record(ALERT, CLOSE_NOTIFY.len(), out)?;
         out.extend_from_slice(&CLOSE_NOTIFY);
-        self.close_record(ALERT, start, CLOSE_NOTIFY.len(), out)
+        self.close_record(&self.0.aead()?, ALERT, start, CLOSE_NOTIFY.len(), out)
     }
 
     /// Append the header of a record of type `kind` with `len` bytes of plaintext (and, for TLS
@@ -330,6 +348,7 @@ impl Sealer {
     /// then its `len` bytes of plaintext).
     fn close_record(
         &mut self,
+        key: &LessSafeKey,
         kind: u8,
         start: usize,
         len: usize,
@@ -353,8 +372,7 @@ impl Sealer {
                 aad.len()
             }
         };
-        let tag = k
-            .key
+        let tag = key
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(k.nonce()),
                 Aad::from(&aad[..aad_len]),
