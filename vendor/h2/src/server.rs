@@ -387,6 +387,9 @@ where
 
         // Create the codec.
         let mut codec = Codec::new(io);
+        // herald: responses are sent without HPACK's dynamic table (as nginx sends them): the
+        // table would keep each connection's last response headers (~1 KB) for its life.
+        codec.limit_send_header_table_size(0);
 
         if let Some(max) = builder.settings.max_frame_size() {
             codec.set_max_recv_frame_size(max as usize);
@@ -658,7 +661,14 @@ impl Builder {
             reset_stream_duration: Duration::from_secs(proto::DEFAULT_RESET_STREAM_SECS),
             reset_stream_max: proto::DEFAULT_RESET_STREAM_MAX,
             pending_accept_reset_stream_max: proto::DEFAULT_REMOTE_RESET_STREAM_MAX,
-            settings: Settings::default(),
+            // herald: clients index nothing of their requests (SETTINGS_HEADER_TABLE_SIZE 0):
+            // a browser's indexed request headers (user agent, cookies) would stay in this
+            // connection's decoder table, up to 4 KiB, for as long as its idle stream lasts.
+            settings: {
+                let mut s = Settings::default();
+                s.set_header_table_size(Some(0));
+                s
+            },
             initial_target_connection_window_size: None,
             max_send_buffer_size: proto::DEFAULT_MAX_SEND_BUFFER_SIZE,
             local_max_error_reset_streams: Some(proto::DEFAULT_LOCAL_RESET_COUNT_MAX),

@@ -361,6 +361,11 @@ impl<T, B> FramedWrite<T, B> {
         self.encoder.hpack.update_max_size(val);
     }
 
+    /// herald: use at most `max` of the peer's header table.
+    pub fn limit_header_table_size(&mut self, max: usize) {
+        self.encoder.hpack.set_max_allowed_size(max);
+    }
+
     /// Retrieve the last data frame that has been sent
     pub fn take_last_data_frame(&mut self) -> Option<frame::Data<B>> {
         self.encoder.last_data_frame.take()

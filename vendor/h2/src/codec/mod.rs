@@ -95,6 +95,12 @@ impl<T, B> Codec<T, B> {
         self.framed_write().set_header_table_size(val)
     }
 
+    /// herald: the most of the peer's header table size the encoder uses (RFC 7541 4.2: an
+    /// encoder may use less than the decoder allows).
+    pub fn limit_send_header_table_size(&mut self, max: usize) {
+        self.framed_write().limit_header_table_size(max)
+    }
+
     /// Set the decoder header table size size.
     pub fn set_recv_header_table_size(&mut self, val: usize) {
         self.inner.set_header_table_size(val)

@@ -173,6 +173,12 @@ impl Decoder {
         };
 
         self.max_size_update = Some(size);
+        // herald: the peer's next header block must begin with a size update of at most
+        // `size`, which evicts whatever does not fit; evicting now frees it also on a
+        // connection that sends no further header block (an idle stream's).
+        if size < self.table.max_size {
+            self.table.set_max_size(size);
+        }
     }
 
     /// Decodes the headers found in the given buffer.
@@ -550,6 +556,10 @@ impl Table {
         self.max_size = size;
         // Make the table size fit within the new constraints.
         self.consolidate();
+        // herald: an emptied table gives its storage back.
+        if self.entries.is_empty() {
+            self.entries = VecDeque::new();
+        }
     }
 
     fn reserve(&mut self, size: usize) {

@@ -38,8 +38,8 @@ impl Encoder {
         }
     }
 
-    #[cfg(test)]
-    fn set_max_allowed_size(&mut self, max: usize) {
+    // herald: not test-only; the server limits its table with it.
+    pub(crate) fn set_max_allowed_size(&mut self, max: usize) {
         self.max_allowed_size = max;
 
         if self.table.max_size() > max {
@@ -59,7 +59,10 @@ impl Encoder {
 
     /// Returns a fully-written header block buffer for reuse.
     pub(crate) fn return_scratch(&mut self, scratch: BytesMut) {
-        self.scratch = scratch;
+        // herald: not kept. A connection that sent its stream's response headers and then only
+        // DATA would hold the buffer for its whole life; one allocation per header block is what
+        // h2 did before 0.4.20.
+        drop(scratch);
     }
 
     /// Queues a max size update.
