@@ -11,6 +11,23 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc, not the system's malloc: an idle stream's few small allocations live for hours
+/// between the transient buffers of other connections' handshakes and requests, and glibc's
+/// malloc keeps the pages those leave behind (BENCHMARKS.md, "The allocator").
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read at its first allocation: freed pages go back to the OS from a
+/// background thread after a second (`MADV_DONTNEED`, not the lazy `MADV_FREE` that still counts
+/// as RSS), so a closed topic's memory leaves the process even when nothing else allocates
+/// (`tests/hardening.rs`, `topic_memory_is_proportional_and_given_back`).
+#[cfg(all(unix, not(target_env = "musl")))]
+#[allow(unsafe_code, non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8; 60] =
+    b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 /// Exit code for a configuration that cannot be used (EX_USAGE, as linkerd does).
 const EXIT_CONFIG: u8 = 64;
 
@@ -81,7 +98,6 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
     let cli = Cli::parse();
     let format = match cli.log_format {
         LogFormat::Pretty => herald::logging::Format::Text,
@@ -333,25 +349,3 @@ async fn demo(
     herald.serve_on(listeners, shutdown).await?;
     Ok(())
 }
-
-/// Allocations of 128 KiB and more (documents, their events, large bodies) go straight to the
-/// OS and back when freed. glibc's default raises that threshold after the first such free,
-/// after which large blocks come from the heap and stay in the process when their topics close:
-/// 40 topics of a 1 MB resource left 120 MB behind; with the threshold fixed, RSS returns to
-/// where it started (`tests/hardening.rs`, `topic_memory_is_proportional_and_given_back`).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn tune_allocator() {
-    extern "C" {
-        fn mallopt(param: i32, value: i32) -> i32;
-    }
-    const M_MMAP_THRESHOLD: i32 = -3;
-    // SAFETY: mallopt only sets a parameter of glibc's allocator; it is called once, first
-    // thing in main, before any other thread exists.
-    unsafe {
-        mallopt(M_MMAP_THRESHOLD, 128 * 1024);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}

@@ -494,3 +494,51 @@ async fn shutdown_ends_h2_streams_with_a_last_event() {
     drop(streams);
     up.stop().await;
 }
+
+/// The kernel's timer on herald's side of the connection from `client` (a local address), as
+/// `/proc/net/tcp` shows it: 0 none, 1 retransmit, 2 keepalive, 4 zero-window probe.
+fn server_side_timer(herald: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<u8> {
+    let hex = |a: std::net::SocketAddr| format!(":{:04X}", a.port());
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, timer) = (f.get(1)?, f.get(2)?, f.get(5)?);
+        (local.ends_with(&hex(herald)) && remote.ends_with(&hex(client)))
+            .then(|| u8::from_str_radix(timer.split(':').next()?, 16).ok())
+            .flatten()
+    })
+}
+
+#[tokio::test]
+async fn the_kernel_probes_quiet_connections_for_a_dead_peer() {
+    // No h2 PINGs and no timers of herald's own: SO_KEEPALIVE (and TCP_USER_TIMEOUT) on every
+    // accepted socket. A stream whose heartbeats were acknowledged sits with the keepalive timer
+    // armed on herald's side, which it would not be without SO_KEEPALIVE.
+    let up = TestUpstream::start().await;
+    up.set_json("/api/t/1", json!({"n": 1}));
+    let h = start_herald(config(&up.url(), &cfg("heartbeat = \"60s\"", ""))).await;
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(b"GET /api/t/1 HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + T;
+    while !String::from_utf8_lossy(&got).contains("snapshot") {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("the snapshot in time")
+            .unwrap();
+        assert!(n > 0, "stream closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let client = s.local_addr().unwrap();
+    assert!(
+        eventually(T, || server_side_timer(h.addr, client) == Some(2)).await,
+        "herald's socket has no keepalive timer: {:?}",
+        server_side_timer(h.addr, client)
+    );
+    drop(s);
+    h.stop().await;
+    up.stop().await;
+}

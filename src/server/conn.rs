@@ -2,8 +2,11 @@
 //! by a timeout, never in the accept loop), then HTTP/1.1 or HTTP/2 through the auto builder. Any
 //! error ends this connection only and is logged here.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http_body_util::BodyExt;
 use hyper::service::service_fn;
@@ -19,7 +22,7 @@ use tracing::{debug, Instrument};
 use super::tls::{self, Acceptor};
 use http::{header, HeaderValue, Response, StatusCode};
 
-use super::idle::{Activity, BusyBody};
+use super::idle::{Activity, BusyBody, Idle};
 use super::observe::Tracked;
 use super::{fast, fast_tls, handover, json_error, router, ConnInfo, Service};
 
@@ -53,7 +56,9 @@ pub(super) enum Permit {
 }
 
 impl Conn {
-    /// Run the connection to its end (the caller spawns this with the connection's span).
+    /// Run the connection (the caller spawns this with the connection's span). This task lasts
+    /// until the first request is seen: a stream, or hyper's connection, then runs in a task of
+    /// its own, sized by what it holds, not by the handshake's or the first read's states.
     pub(super) async fn run(self) {
         let Conn {
             stream,
@@ -86,9 +91,7 @@ impl Conn {
                 let stream = if reject {
                     stream
                 } else {
-                    // Boxed: inline, its read state would size the task of every connection,
-                    // TLS ones included, for their whole life.
-                    match Box::pin(fast::try_serve(stream, &app, &info, &activity)).await {
+                    match fast::try_serve(stream, &app, &info, &activity).await {
                         fast::Outcome::Served => return,
                         // The stream gets its own small task and this one ends: its states
                         // (the hyper path, the request) would size the stream's memory.
@@ -98,25 +101,20 @@ impl Conn {
                 };
                 (Box::new(stream), info, activity)
             }
-            // The handshake and the first look at the request are boxed apart from the
-            // connection that follows, for the same reason: rustls mid-handshake and the fast
-            // path's read would otherwise stay allocated for as long as hyper serves it.
-            Some(acceptor) => match Box::pin(accept_tls(
-                stream, acceptor, peer, kill, &app, shutdown, reject,
-            ))
-            .await
-            {
-                Accepted::Done => return,
-                // An HTTP/1.1 stream over TLS on the fast path: its own small task, like a
-                // plaintext one.
-                Accepted::Stream(s) => return spawn_stream(s, held),
-                Accepted::Hyper(stream, info, activity) => (stream, info, activity),
-            },
+            Some(acceptor) => {
+                match accept_tls(stream, acceptor, peer, kill, &app, shutdown, reject).await {
+                    Accepted::Done => return,
+                    // An HTTP/1.1 stream over TLS on the fast path: its own small task, like a
+                    // plaintext one.
+                    Accepted::Stream(s) => return spawn_stream(s, held),
+                    Accepted::Hyper(stream, info, activity) => (stream, info, activity),
+                }
+            }
         };
         let (watcher, permit, address) = held;
-        // Boxed, like the paths above: inline, hyper's connection state would size every
-        // connection's task, fast-path streams included.
-        Box::pin(serve_http(
+        // hyper's connection gets a task of its own and this one ends, as a fast-path stream
+        // does: one task per connection, sized by hyper's state alone.
+        let serving = serve_http(
             TokioIo::new(Tracked::new(stream, &app.metrics, info.tls)),
             info,
             app,
@@ -124,9 +122,9 @@ impl Conn {
             watcher,
             reject,
             activity,
-        ))
-        .await;
-        drop((permit, address));
+            (permit, address),
+        );
+        tokio::spawn(serving.instrument(tracing::Span::current()));
     }
 }
 
@@ -212,7 +210,7 @@ async fn accept_tls(
 /// Serve HTTP on an established (plain or TLS) byte stream. The auto builder tells HTTP/2 from
 /// HTTP/1.1 by the connection preface, so h2 over TLS (ALPN) and h2c prior knowledge both work.
 #[allow(clippy::too_many_arguments)]
-async fn serve_http<I>(
+fn serve_http<I>(
     io: TokioIo<I>,
     info: ConnInfo,
     app: Arc<Service>,
@@ -220,10 +218,12 @@ async fn serve_http<I>(
     watcher: Watcher,
     reject: bool,
     activity: Arc<Activity>,
-) where
+    held: (Permit, super::AddressSlot),
+) -> impl Future<Output = ()> + Send + 'static
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let kill = info.kill.clone();
+    let killed = info.kill.clone().cancelled_owned();
     let limits = app.connections.clone();
     let metrics = app.metrics.clone();
     let busy = activity.clone();
@@ -232,32 +232,83 @@ async fn serve_http<I>(
         let info = info.clone();
         // Busy from the request's head to its response's last byte.
         let busy = busy.begin();
-        async move {
+        // Boxed: hyper keeps each HTTP/2 stream's task (and HTTP/1's dispatcher keeps a slot)
+        // the size of this future for as long as the response lasts, idle streams included;
+        // boxed, the request and the routing state are freed once the response head is out.
+        Box::pin(async move {
             let resp = if reject {
                 over_capacity()
             } else {
-                // Boxed: hyper's HTTP/1 dispatcher keeps a box the size of this future for the
-                // whole connection (1.4 KiB with the proxy path inline), idle streams included;
-                // boxed, that box is a pointer and the big future lives only while it runs.
-                Box::pin(router::handle(app, req, info)).await
+                router::handle(app, req, info).await
             };
             let resp = resp.map(|body| BusyBody::new(body, busy).boxed_unsync());
             Ok::<_, std::convert::Infallible>(resp)
-        }
+        })
     });
     // With upgrades: a pass-through `Upgrade` (WebSocket) becomes a tunnel (`proxy::tunnel`).
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::select! {
-        r = watcher.watch(conn) => {
+    let conn = builder
+        .serve_connection_with_upgrades(io, service)
+        .into_owned();
+    Serving {
+        conn: watcher.watch(conn),
+        killed,
+        expiry: async move {
+            activity
+                .expired(limits.header_timeout, limits.idle_timeout)
+                .await
+        },
+        metrics,
+        _held: held,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// hyper's connection raced against herald's kill switch and the connection's idle deadline.
+    /// A struct rather than an async block: a block would hold hyper's connection twice (as what
+    /// it captured and as what it polls), ~1 KB more for every connection for its whole life.
+    struct Serving<C, K, E> {
+        #[pin]
+        conn: C,
+        #[pin]
+        killed: K,
+        #[pin]
+        expiry: E,
+        metrics: Arc<crate::telemetry::Metrics>,
+        // The connection's permit and its place in the per-address count, let go with it.
+        _held: (Permit, super::AddressSlot),
+    }
+}
+
+impl<C, R, K, E> Future for Serving<C, K, E>
+where
+    C: Future<Output = Result<(), R>>,
+    R: std::fmt::Display,
+    K: Future<Output = ()>,
+    E: Future<Output = Idle>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let me = self.project();
+        if let Poll::Ready(r) = me.conn.poll(cx) {
             if let Err(e) = r {
                 debug!(error = %e, "connection ended with an error");
             }
+            return Poll::Ready(());
         }
-        _ = kill.cancelled() => debug!("connection closed by herald"),
-        why = activity.expired(limits.header_timeout, limits.idle_timeout) => {
-            debug!(reason = why.reason(), "closing a connection that does nothing");
-            metrics.reject(why.reason());
+        if me.killed.poll(cx).is_ready() {
+            debug!("connection closed by herald");
+            return Poll::Ready(());
         }
+        if let Poll::Ready(why) = me.expiry.poll(cx) {
+            debug!(
+                reason = why.reason(),
+                "closing a connection that does nothing"
+            );
+            me.metrics.reject(why.reason());
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 }
 

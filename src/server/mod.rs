@@ -138,16 +138,42 @@ fn builder(config: &Connections) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
-        // Pings find dead peers on connections whose streams are all quiet (SSE heartbeats go
-        // one way and would not notice).
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20))
+        // No HTTP/2 PINGs: the kernel finds dead peers (`keepalive`) on every connection, without
+        // the timer and the ~350 bytes hyper's pinger keeps per connection.
         .max_send_buf_size(H2_SEND_BUFFER)
         // Receive windows bound request bodies held per stream and per connection; a request
         // whose upstream reads slowly can hold a quarter of the connection window at most.
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONN_WINDOW);
     b
+}
+
+/// Quiet time before the kernel probes a connection's peer, the time between probes, and the
+/// probes unanswered before it gives up (`SO_KEEPALIVE`).
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(30), Duration::from_secs(10), 3);
+/// How long sent data (an event, a heartbeat, a keepalive probe) may stay unacknowledged before
+/// the kernel closes the connection (`TCP_USER_TIMEOUT`, Linux).
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Let the kernel find dead peers: a quiet connection is probed after `KEEPALIVE`'s idle time,
+/// and one whose sent data goes unacknowledged for `USER_TIMEOUT` is closed, so a client that
+/// vanished (a laptop closed, a network gone) stops holding its streams within about a minute,
+/// HTTP/1.1 and HTTP/2 alike, at no cost to herald until it happens.
+fn keepalive(stream: &tokio::net::TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let (idle, interval, retries) = KEEPALIVE;
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(retries);
+    if let Err(e) = sock.set_tcp_keepalive(&probes) {
+        debug!(error = %e, "TCP keepalive not set");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        debug!(error = %e, "TCP_USER_TIMEOUT not set");
+    }
 }
 
 /// Concurrent streams one HTTP/2 client may open (each SSE watcher is one stream).
@@ -312,6 +338,7 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        keepalive(&stream);
         let span = tracing::debug_span!("conn", %peer, tls = tls.is_some());
         let conn = conn::Conn {
             stream,
